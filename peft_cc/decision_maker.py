@@ -1,0 +1,69 @@
+"""The Decision Maker: which layer's English activation to inject."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DecisionMaker(nn.Module):
+    """A bias-free linear map `W ∈ R^{S×d}` (float32) from a summary of the prompt to logits over `S` source layers.
+
+    Its input is `z = h_in + mean_l e_l` at the anchor, where `h_in` is the hidden state entering the first decoder
+    layer and `e_l` the English FFN activation of candidate layer `l`. The choice is one-hot: during training a hard
+    Gumbel-Softmax sample (straight-through: one-hot forward value, gradients of the soft sample), at inference the
+    arg-max.
+
+    Args:
+        num_sources: `S`, the number of candidate source layers.
+        hidden_size: `d`, the width of the residual stream.
+        init_std: standard deviation of the normal initialisation (the model's `initializer_range`).
+    """
+
+    def __init__(self, num_sources: int, hidden_size: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_sources, hidden_size, dtype=torch.float32))
+        nn.init.normal_(self.weight, mean=0.0, std=init_std)
+
+    @property
+    def num_sources(self) -> int:
+        return self.weight.shape[0]
+
+    def summarize(self, first_layer_input: torch.Tensor, source_activations: torch.Tensor) -> torch.Tensor:
+        """`z = h_in + mean_l e_l`, in float32.
+
+        Args:
+            first_layer_input: `[B, d]` hidden state entering the first decoder layer at the anchor.
+            source_activations: `[B, S, d]` FFN activations of the candidate layers at the anchor.
+
+        Returns:
+            `[B, d]` float32.
+        """
+        return first_layer_input.float() + source_activations.float().mean(dim=1)
+
+    def forward(
+        self, z: torch.Tensor, gumbel_noise: torch.Tensor | None = None, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose a source layer for each row.
+
+        Args:
+            z: `[B, d]` input of the Decision Maker.
+            gumbel_noise: `[B, S]` standard Gumbel noise for a training sample (see :func:`sample_gumbel_noise`);
+                `None` takes the arg-max of the logits.
+            temperature: Gumbel-Softmax temperature.
+
+        Returns:
+            `(choice, logits)`: `choice` `[B, S]` float32, one-hot in value (with straight-through gradients when
+            sampling); `logits` `[B, S]` float32.
+        """
+        logits = z.float() @ self.weight.T
+        if gumbel_noise is None:
+            return nn.functional.one_hot(logits.argmax(dim=-1), self.num_sources).float(), logits
+        soft = torch.softmax((logits + gumbel_noise) / temperature, dim=-1)
+        hard = nn.functional.one_hot(soft.argmax(dim=-1), self.num_sources).to(soft.dtype)
+        return hard - soft.detach() + soft, logits
+
+
+def sample_gumbel_noise(batch_size: int, num_sources: int, device: torch.device) -> torch.Tensor:
+    """`[B, S]` float32 standard Gumbel noise from torch's global generator (reproducible under `manual_seed`)."""
+    return -torch.empty(batch_size, num_sources, dtype=torch.float32, device=device).exponential_().log()

@@ -1,0 +1,324 @@
+"""The CC-Tuning tuner: LoRA plus the Decision Maker, the Transform Matrix and the cross-lingual connection."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora import LoraModel
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .anchors import anchors_from_labels, last_token_anchors, validate_anchors
+from .architecture import DecoderMap, map_decoder
+from .config import CCConfig
+from .connection import CrossLingualConnection
+from .decision_maker import DecisionMaker, sample_gumbel_noise
+
+DECISION_MAKER_KEY = "cc_decision_maker"
+TRANSFORM_MATRIX_KEY = "cc_transform_matrix"
+
+
+def _record_decoder_shape(config: CCConfig, decoder: DecoderMap) -> None:
+    """Fill in the decoder shape of a new adapter; refuse a loaded adapter made for another shape."""
+    for field_name, actual in (
+        ("decoder_num_layers", decoder.num_layers),
+        ("decoder_hidden_size", decoder.hidden_size),
+    ):
+        recorded = getattr(config, field_name)
+        if recorded is None:
+            setattr(config, field_name, actual)
+        elif recorded != actual:
+            raise ValueError(
+                f"This CC-Tuning adapter was made for another base model: it expects {field_name}={recorded}, "
+                f"this model has {actual}. Load it onto the base model it was trained on."
+            )
+
+
+@dataclass
+class CCCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """A causal-LM output plus what the connection did in this forward call.
+
+    Attributes:
+        connected_rows: `[B]` bool, whether each row received the connection (False: no valid anchor).
+        layer_choice: `[B, S]` float, the one-hot source-layer choice of each connected row (zeros for unconnected
+            rows), detached; columns follow the adapter's candidate source layers.
+        layer_logits: `[B, S]` float, the Decision Maker's logits (zeros for unconnected rows), detached.
+    """
+
+    connected_rows: torch.BoolTensor | None = None
+    layer_choice: torch.FloatTensor | None = None
+    layer_logits: torch.FloatTensor | None = None
+
+    @property
+    def num_unconnected_rows(self) -> int:
+        """How many rows of the batch were left without the connection."""
+        return int((~self.connected_rows).sum()) if self.connected_rows is not None else 0
+
+
+class CCModel(LoraModel):
+    """CC-Tuning (Cross-lingual Connection Tuning) on top of LoRA.
+
+    Created by `peft.get_peft_model(model, CCConfig(...))` once `peft_cc` is imported. Next to LoRA it holds, per
+    adapter, the Decision Maker (`cc_decision_maker`, `S×d`, trained) and the Transform Matrix
+    (`cc_transform_matrix`, `d×d`, fitted after training, never trained by gradient).
+
+    A forward call given the English prompt does one whole CC-Tuning step::
+
+        model(input_ids=..., attention_mask=..., labels=..., english_input_ids=..., english_attention_mask=...)
+
+    It runs the English prompt through the decoder and records its FFN activations at the English anchor (the last
+    token of `english_input_ids`), lets the Decision Maker pick one source layer per row, and runs the non-English
+    sequence with that activation added to the residual stream after layer `injection_layer`, at the anchor (the
+    last prompt token: just before the first supervised label, or `anchor_positions`). It returns a
+    [`CCCausalLMOutputWithPast`].
+    """
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._decoder: DecoderMap | None = None
+        self._connection: CrossLingualConnection | None = None
+        self._connection_enabled = True
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------------------------------------ adapters
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config: CCConfig = self.peft_config[adapter_name]
+        decoder = map_decoder(model, config.ffn_output_module)
+        _record_decoder_shape(config, decoder)
+        sources = config.resolve_source_layers(decoder.num_layers)
+        super().inject_adapter(model, adapter_name, **kwargs)
+        self._add_connection_parameters(adapter_name, config, decoder, num_sources=len(sources))
+        if self._connection is None:
+            self._decoder = decoder
+            self._connection = CrossLingualConnection(decoder)
+
+    def _add_connection_parameters(
+        self, adapter_name: str, config: CCConfig, decoder: DecoderMap, num_sources: int
+    ) -> None:
+        if DECISION_MAKER_KEY not in self._modules:
+            self.cc_decision_maker = nn.ModuleDict()
+            self.cc_transform_matrix = BufferDict(persistent=True)
+        device = next(decoder.layers[0].parameters()).device
+        text_config = self.model.config.get_text_config()
+        decision_maker = DecisionMaker(
+            num_sources, decoder.hidden_size, init_std=getattr(text_config, "initializer_range", 0.02)
+        )
+        # PEFT creates adapter weights on the meta device when it loads with low_cpu_mem_usage=True.
+        decision_maker = (
+            decision_maker.to_empty(device=device) if decision_maker.weight.is_meta else decision_maker.to(device)
+        )
+        decision_maker.requires_grad_(not config.inference_mode)
+        self.cc_decision_maker[adapter_name] = decision_maker
+        self.cc_transform_matrix[adapter_name] = torch.zeros(
+            decoder.hidden_size, decoder.hidden_size, dtype=torch.float32, device=device
+        )
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._connection_enabled = enabled
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        warnings.warn(
+            "Unloading a CC-Tuning adapter keeps (or merges) its LoRA weights only: the cross-lingual connection "
+            "(Decision Maker and Transform Matrix) is not part of the base model's weights and is dropped.",
+            stacklevel=3,
+        )
+        if self._connection is not None:
+            self._connection.remove()
+            self._connection = None
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _active_cc_adapter(self) -> str | None:
+        """The adapter whose connection applies, or `None` when adapters are disabled."""
+        if not self._connection_enabled or self._connection is None:
+            return None
+        if len(self.active_adapters) != 1:
+            raise ValueError(f"The CC-Tuning connection needs exactly one active adapter, got {self.active_adapters}.")
+        return self.active_adapters[0]
+
+    def decision_maker(self, adapter_name: str | None = None) -> DecisionMaker:
+        """The Decision Maker of `adapter_name` (default: the active adapter)."""
+        return self.cc_decision_maker[adapter_name or self.active_adapters[0]]
+
+    def transform_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The `[d, d]` float32 Transform Matrix of `adapter_name` (default: the active adapter)."""
+        return self.cc_transform_matrix[adapter_name or self.active_adapters[0]]
+
+    def source_layers(self, adapter_name: str | None = None) -> list[int]:
+        """The candidate source layers of `adapter_name` (default: the active adapter), as layer indices."""
+        config: CCConfig = self.peft_config[adapter_name or self.active_adapters[0]]
+        return config.resolve_source_layers(self._decoder.num_layers)
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        *args,
+        english_input_ids: torch.LongTensor | None = None,
+        english_attention_mask: torch.Tensor | None = None,
+        anchor_positions: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        """Forward pass; with `english_input_ids`, the whole CC-Tuning step (see the class docstring).
+
+        Args:
+            english_input_ids: `[B, T_en]` the English prompt of each row, templated like the non-English prompt and
+                ending with the generation prompt; right or left padded.
+            english_attention_mask: `[B, T_en]` 1 for tokens, 0 for padding (default: all tokens).
+            anchor_positions: `[B]` LongTensor, the anchor of each row (`-1`: do not connect this row). Default: the
+                position before the first label that is not -100.
+            **kwargs: passed to the model (`input_ids`, `attention_mask`, `labels`, ...).
+        """
+        adapter_name = self._active_cc_adapter()
+        if adapter_name is None:
+            return self.model(*args, **kwargs)
+        if english_input_ids is None:
+            if self.training and torch.is_grad_enabled():
+                raise ValueError(
+                    "CC-Tuning trains with the English version of each prompt: pass `english_input_ids` (and "
+                    "`english_attention_mask`) to the forward call. To run without the connection, use "
+                    "`with model.disable_adapter():` or put the model in eval mode."
+                )
+            return self.model(*args, **kwargs)
+        if args:
+            kwargs["input_ids"], *rest = args
+            if rest:
+                raise TypeError("Pass the inputs of a CC-Tuning forward call as keyword arguments.")
+        return self._connected_forward(
+            adapter_name, english_input_ids, english_attention_mask, anchor_positions, **kwargs
+        )
+
+    def _connected_forward(
+        self,
+        adapter_name: str,
+        english_input_ids: torch.LongTensor,
+        english_attention_mask: torch.Tensor | None,
+        anchor_positions: torch.LongTensor | None,
+        **kwargs,
+    ):
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("The CC-Tuning connection needs `input_ids` (inputs_embeds alone are not supported).")
+        attention_mask = kwargs.get("attention_mask")
+        anchors = self._anchors(input_ids, attention_mask, kwargs.get("labels"), anchor_positions)
+        if english_attention_mask is None:
+            english_attention_mask = torch.ones_like(english_input_ids)
+        if english_input_ids.shape[0] != input_ids.shape[0] or english_attention_mask.shape != english_input_ids.shape:
+            raise ValueError(
+                f"`english_input_ids` {tuple(english_input_ids.shape)} and `english_attention_mask` "
+                f"{tuple(english_attention_mask.shape)} must have one row per row of `input_ids` "
+                f"{tuple(input_ids.shape)}."
+            )
+        english_anchors = last_token_anchors(english_attention_mask.to(anchors.device))
+        connected = (anchors >= 0) & (english_anchors >= 0)
+        rows = connected.nonzero().squeeze(-1)
+
+        config: CCConfig = self.peft_config[adapter_name]
+        sources = config.resolve_source_layers(self._decoder.num_layers)
+        english = self.anchor_activations(
+            english_input_ids, english_attention_mask, rows, english_anchors[rows], sources, config.english_gradients
+        )
+        decision_maker = self.cc_decision_maker[adapter_name]
+        noise = sample_gumbel_noise(len(rows), len(sources), english.device) if self.training else None
+        record: dict[str, torch.Tensor] = {}
+
+        def vector_for(first_layer_input: torch.Tensor) -> torch.Tensor:
+            z = decision_maker.summarize(first_layer_input, english)
+            choice, logits = decision_maker(z, noise, config.gumbel_temperature)
+            record.update(choice=choice.detach(), logits=logits.detach())
+            return (choice.unsqueeze(-1) * english.float()).sum(dim=1)
+
+        with self._connection.injecting(config.injection_layer, rows, anchors[rows], vector_for):
+            outputs = self.model(**kwargs)
+        if not isinstance(outputs, ModelOutput):
+            return outputs
+        batch_size = input_ids.shape[0]
+        layer_choice = english.new_zeros(batch_size, len(sources), dtype=torch.float32)
+        layer_logits = torch.zeros_like(layer_choice)
+        if len(rows):
+            layer_choice[rows] = record["choice"]
+            layer_logits[rows] = record["logits"]
+        return CCCausalLMOutputWithPast(
+            **outputs, connected_rows=connected, layer_choice=layer_choice, layer_logits=layer_logits
+        )
+
+    @staticmethod
+    def _anchors(
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        anchor_positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if anchor_positions is not None:
+            return validate_anchors(anchor_positions.to(input_ids.device), attention_mask, seq_len)
+        if labels is None:
+            raise ValueError(
+                "The CC-Tuning connection needs the anchor of each row: pass `labels` (the anchor is the position "
+                "before the first label that is not -100) or `anchor_positions`."
+            )
+        return validate_anchors(anchors_from_labels(labels.to(input_ids.device)), attention_mask, seq_len)
+
+    def anchor_activations(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        anchors: torch.Tensor,
+        layers: list[int],
+        with_autograd: bool = False,
+    ) -> torch.Tensor:
+        """Run prompts through the decoder (no LM head, no connection) and return their FFN activations at the anchor.
+
+        This is the English pass of a training step, and the source of the rows of the Transform Matrix fit.
+
+        Args:
+            input_ids: `[B, T]` prompts.
+            attention_mask: `[B, T]`.
+            rows: `[B']` rows to run.
+            anchors: `[B']` anchor of each of those rows.
+            layers: the layers to record, in the order of the result.
+            with_autograd: keep the autograd graph (gradients flow through this pass).
+
+        Returns:
+            `[B', len(layers), d]` activations in the model's dtype.
+        """
+        decoder = self.model.get_decoder()
+        batch_rows = torch.arange(len(rows), device=rows.device)
+        with torch.set_grad_enabled(with_autograd and torch.is_grad_enabled()):
+            with self._connection.capturing(batch_rows, anchors, layers, with_autograd) as captured:
+                if len(rows):
+                    decoder(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
+        if not len(rows):
+            weight = self.cc_decision_maker[self.active_adapters[0]].weight
+            return weight.new_zeros(0, len(layers), self._decoder.hidden_size)
+        return torch.stack([captured[layer] for layer in layers], dim=1)
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {
+            key: tensor.shape
+            for key, tensor in model.state_dict().items()
+            if f"{DECISION_MAKER_KEY}.{adapter_name}." in key or key.endswith(f"{TRANSFORM_MATRIX_KEY}.{adapter_name}")
+        }
+        for key, shape in expected.items():
+            if key not in remapped:
+                raise ValueError(
+                    f"The checkpoint of adapter '{adapter_name}' has no `{key}`: it is not a complete CC-Tuning "
+                    "adapter (Decision Maker and Transform Matrix are missing)."
+                )
+            if remapped[key].shape != shape:
+                raise ValueError(
+                    f"The CC-Tuning adapter '{adapter_name}' was trained for another base model: its `{key}` has "
+                    f"shape {tuple(remapped[key].shape)}, this model needs {tuple(shape)} "
+                    "([source layers, hidden size] for the Decision Maker, [hidden size, hidden size] for the "
+                    "Transform Matrix)."
+                )
+        return remapped

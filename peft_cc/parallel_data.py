@@ -1,0 +1,87 @@
+"""Parallel (non-English prompt, English prompt, answer) items from multilingual benchmark files.
+
+The layout is that of the benchmark samples the project tests on (any copy in the same layout works)::
+
+    <root>/<Benchmark>/prompts/<lang>.jsonl      one {"prompt": "..."} per line
+    <root>/<Benchmark>/answers/<lang>.jsonl      one JSON value per line (a string, or a list of strings)
+    <root>/<Benchmark>/prompts_en/<lang>.jsonl   optional: the English rendering of that language's line i
+
+Line `i` of every language is the same item; its English counterpart is `prompts_en/<lang>.jsonl` line `i` where
+that file exists (XLSum), else `prompts/en.jsonl` line `i`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ParallelItem:
+    """One benchmark item in one language, with its English prompt.
+
+    Attributes:
+        benchmark: the benchmark folder name, e.g. `"MKQA"`.
+        language: the language code of `prompt` and `answer`, e.g. `"de"`.
+        index: the line number (0-based) of the item in the benchmark's files.
+        prompt: the full instruction in `language` (no chat template applied).
+        english_prompt: the same instruction in English.
+        answer: the gold answer in `language`: a string, or a list of acceptable strings.
+    """
+
+    benchmark: str
+    language: str
+    index: int
+    prompt: str
+    english_prompt: str
+    answer: str | list[str]
+
+
+def _read_jsonl(path: Path) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"Missing benchmark file {path}.")
+    with path.open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def _prompts(path: Path) -> list[str]:
+    rows = _read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{path}:{number}: expected an object {{"prompt": "..."}}, got {row!r:.80}.')
+    return [row["prompt"] for row in rows]
+
+
+def available_languages(data_root: str | os.PathLike, benchmark: str) -> list[str]:
+    """The language codes that have prompts for `benchmark` under `data_root`, sorted."""
+    folder = Path(data_root) / benchmark / "prompts"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No benchmark {benchmark!r} under {data_root} (expected the folder {folder}).")
+    return sorted(path.stem for path in folder.glob("*.jsonl"))
+
+
+def load_parallel_items(data_root: str | os.PathLike, benchmark: str, language: str) -> list[ParallelItem]:
+    """All items of `benchmark` in `language`, each with its English prompt and gold answer.
+
+    Raises:
+        FileNotFoundError: a file of the layout is missing.
+        ValueError: the files of the item do not have the same number of lines, or a line is malformed.
+    """
+    folder = Path(data_root) / benchmark
+    prompts = _prompts(folder / "prompts" / f"{language}.jsonl")
+    answers = _read_jsonl(folder / "answers" / f"{language}.jsonl")
+    english_file = folder / "prompts_en" / f"{language}.jsonl"
+    if not english_file.is_file():
+        english_file = folder / "prompts" / "en.jsonl"
+    english = _prompts(english_file)
+    if not len(prompts) == len(answers) == len(english):
+        raise ValueError(
+            f"{benchmark}/{language}: {len(prompts)} prompts, {len(answers)} answers and {len(english)} English "
+            f"prompts ({english_file.name}); they must be parallel, line by line."
+        )
+    return [
+        ParallelItem(benchmark, language, index, prompt, english_prompt, answer)
+        for index, (prompt, english_prompt, answer) in enumerate(zip(prompts, english, answers))
+    ]

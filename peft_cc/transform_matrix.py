@@ -1,0 +1,474 @@
+"""Fitting the Transform Matrix: a least-squares map from non-English to English FFN activations.
+
+After training, CC-Tuning learns one `d×d` matrix `T` that turns the model's FFN activation at the anchor of a
+non-English prompt into an approximation of the activation the English version of the prompt would give, so that
+the connection can be simulated when no English prompt is available (`ê_l = u_l T`). For `N` parallel prompt pairs
+and every decoder layer `l = 0..L-1`, the rows `u = f_l(x, a(x))` and `v = f_l(x_en, a(x_en))` are stacked into
+`U, V ∈ R^{N·L × d}` (one matrix shared by all layers) and `T = argmin ||U T − V||²`.
+
+The reference solves this with `numpy.linalg.lstsq` on the stacked rows in memory. Here the normal equations
+`(UᵀU + λI) T = UᵀV` are accumulated batch by batch in float64 (:class:`NormalEquations`), so memory is `O(d²)`
+whatever `N`, and the rows are never stored. The same accumulator, filled with held-out pairs, gives the held-out
+`R²` of the fit without storing those rows either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import random
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .anchors import last_token_anchors
+from .model import CCModel
+
+DEFAULT_RIDGE = 1e-4
+DEFAULT_HOLDOUT_FRACTION = 0.1
+
+Prompt = Sequence[Mapping[str, Any]] | str | Sequence[int] | torch.Tensor
+
+
+class NormalEquations:
+    """Running sufficient statistics of a linear least-squares fit `V ≈ U T`, in float64, in `O(d²)` memory.
+
+    Rows are added in batches with :meth:`add`; only the following are kept (never the rows):
+
+    - `gram`: `[d_in, d_in]` `UᵀU`;
+    - `cross`: `[d_in, d_out]` `UᵀV`;
+    - `target_sum`: `[d_out]` `Σ v` (column sums of `V`);
+    - `target_sq_sum`: `tr(VᵀV) = Σ ||v||²` (a float64 scalar tensor);
+    - `num_rows`: the number of rows added.
+
+    They suffice to solve the (ridge-regularised) normal equations (:meth:`solve`) and to score any `T` on the rows
+    added (:meth:`r_squared`), so the same class serves as the fit's accumulator and as the held-out evaluator.
+
+    Args:
+        in_features: `d_in`, the width of a row `u`.
+        out_features: `d_out`, the width of a row `v` (default: `d_in`).
+        device: where to keep the statistics (default: CPU). Rows added on another device are moved here.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        out_features = in_features if out_features is None else out_features
+        options = dict(dtype=torch.float64, device=device)
+        self.gram = torch.zeros(in_features, in_features, **options)
+        self.cross = torch.zeros(in_features, out_features, **options)
+        self.target_sum = torch.zeros(out_features, **options)
+        self.target_sq_sum = torch.zeros((), **options)
+        self.num_rows = 0
+
+    @property
+    def in_features(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.cross.shape[1]
+
+    def add(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Add rows: `u` `[n, d_in]` and `v` `[n, d_out]` (any float dtype; cast to float64 first)."""
+        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != v.shape[0]:
+            raise ValueError(
+                f"Expected u [n, d_in] and v [n, d_out] with the same n, got {tuple(u.shape)} and {tuple(v.shape)}."
+            )
+        if u.shape[1] != self.in_features or v.shape[1] != self.out_features:
+            raise ValueError(
+                f"Expected rows of width {self.in_features} (u) and {self.out_features} (v), got {u.shape[1]} and "
+                f"{v.shape[1]}."
+            )
+        u = u.detach().to(device=self.gram.device, dtype=torch.float64)
+        v = v.detach().to(device=self.gram.device, dtype=torch.float64)
+        self.gram.addmm_(u.T, u)
+        self.cross.addmm_(u.T, v)
+        self.target_sum += v.sum(dim=0)
+        self.target_sq_sum += v.square().sum()
+        self.num_rows += u.shape[0]
+
+    def merge(self, other: NormalEquations) -> None:
+        """Add the rows summarised by `other` (as if they had been added here)."""
+        self.gram += other.gram.to(self.gram.device)
+        self.cross += other.cross.to(self.cross.device)
+        self.target_sum += other.target_sum.to(self.target_sum.device)
+        self.target_sq_sum += other.target_sq_sum.to(self.target_sq_sum.device)
+        self.num_rows += other.num_rows
+
+    def ridge_value(self, ridge: float = DEFAULT_RIDGE) -> float:
+        """The absolute ridge `λ = ridge · tr(UᵀU) / d_in` (`ridge` is relative to the mean diagonal of `UᵀU`)."""
+        if not ridge >= 0:
+            raise ValueError(f"`ridge` must be >= 0, got {ridge!r}.")
+        return float(ridge * self.gram.diagonal().sum() / self.in_features) if ridge else 0.0
+
+    def solve(self, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, float]:
+        """Solve `(UᵀU + λI) T = UᵀV` in float64.
+
+        Args:
+            ridge: relative ridge strength; `λ = ridge · tr(UᵀU) / d_in` (see :meth:`ridge_value`). `0` gives plain
+                least squares. When `UᵀU + λI` is singular (e.g. `ridge=0` with fewer independent rows than
+                `d_in`), the minimum-norm least-squares solution is returned (as `numpy.linalg.lstsq` would), with
+                a warning.
+
+        Returns:
+            `(T, λ)`: `T` `[d_in, d_out]` float64 on this accumulator's device, and the absolute ridge added.
+
+        Raises:
+            ValueError: if no rows were added.
+        """
+        if self.num_rows == 0:
+            raise ValueError("Cannot solve the normal equations: no rows were added.")
+        lam = self.ridge_value(ridge)
+        system = self.gram.clone()
+        system.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            return torch.cholesky_solve(self.cross, factor), lam
+        warnings.warn(
+            f"UᵀU + λI (λ={lam:.3g}) is singular ({self.num_rows} rows of width {self.in_features}); returning the "
+            "minimum-norm least-squares solution. Use more pairs or a ridge > 0 for a well-posed fit.",
+            stacklevel=2,
+        )
+        return torch.linalg.pinv(system, hermitian=True) @ self.cross, lam
+
+    def residual_sum_of_squares(self, transform: torch.Tensor) -> float:
+        """`||U T − V||² = tr(Tᵀ UᵀU T) − 2 tr(Tᵀ UᵀV) + tr(VᵀV)` over the rows added (clamped at 0)."""
+        transform = transform.to(device=self.gram.device, dtype=torch.float64)
+        fitted = ((self.gram @ transform) * transform).sum()
+        sse = fitted - 2 * (self.cross * transform).sum() + self.target_sq_sum
+        return max(float(sse), 0.0)
+
+    def total_sum_of_squares(self) -> float:
+        """`Σ ||v − mean(v)||²` over the rows added (the mean taken per dimension)."""
+        if self.num_rows == 0:
+            return 0.0
+        return float(self.target_sq_sum - self.target_sum.square().sum() / self.num_rows)
+
+    def r_squared(self, transform: torch.Tensor) -> float | None:
+        """`R² = 1 − SSE/SST` of `V̂ = U T` against `V` over the rows added; `None` without rows or variance.
+
+        `SST` is taken around the per-dimension mean of these rows and summed over dimensions, so `R²` is the
+        fraction of the total variance of `v` that `u T` explains (1: perfect; 0: no better than the mean; it can
+        be negative).
+        """
+        sst = self.total_sum_of_squares()
+        if self.num_rows == 0 or not sst > 0:
+            return None
+        return 1.0 - self.residual_sum_of_squares(transform) / sst
+
+
+@dataclass
+class _Counts:
+    consumed: int = 0
+    fitted: int = 0
+    heldout: int = 0
+    skipped: int = 0
+
+
+def fit_transform_matrix(
+    model: nn.Module,
+    pairs: Iterable[tuple[Prompt, Prompt]],
+    tokenizer: Any | None = None,
+    *,
+    batch_size: int = 8,
+    max_pairs: int | None = None,
+    ridge: float = DEFAULT_RIDGE,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
+    seed: int = 0,
+    show_progress: bool = True,
+    adapter_name: str | None = None,
+) -> dict[str, Any]:
+    """Fit the Transform Matrix of a trained CC-Tuning adapter on parallel prompts, and store it in the adapter.
+
+    For each pair `(x, x_en)` the model (in eval mode, without gradients and without the connection, with the
+    adapter's LoRA weights active) runs both prompts and records, for every decoder layer `l = 0..L-1`, the FFN
+    activation at the anchor (the last prompt token): `u_l = f_l(x, a(x))`, `v_l = f_l(x_en, a(x_en))`, each a
+    `[d]` vector in the units of the residual stream. All `N·L` rows are stacked into `U, V` `[N·L, d]` and
+
+        T = argmin_T ||U T − V||² + λ ||T||²,  so that  ê = u @ T  (row vectors),
+
+    one `[d, d]` matrix shared by all layers, solved from the normal equations accumulated batch by batch in float64
+    (memory `O(d²)`, independent of `N`; no row is kept). `T` is written, as float32, into the adapter's
+    `cc_transform_matrix` buffer in place; it is saved and loaded with the adapter.
+
+    Args:
+        model: the `PeftModel` of a CC-Tuning adapter (or its `CCModel`, `peft_model.base_model`).
+        pairs: an iterable (a generator is fine: it is consumed lazily, at most `max_pairs` items) of
+            `(non_english_prompt, english_prompt)`. Each prompt is one of
+
+            - a list of chat messages (dicts with `role` and `content`): templated with
+              `tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)`;
+            - a string: the already templated prompt text (ending with the generation prompt), tokenized with
+              `tokenizer(text, add_special_tokens=False)` since the template already holds the special tokens;
+            - a list (or 1-D tensor) of token ids, used as they are.
+
+            The anchor is the last token of the prompt. A pair in which either prompt is empty has no anchor: it is
+            skipped and counted in `num_skipped_pairs`.
+        tokenizer: needed for messages and strings; its pad token pads the batches (0 without a tokenizer or pad
+            token; padding is masked, so its id does not matter).
+        batch_size: pairs per forward pass (the non-English and the English prompts of a batch run as two
+            right-padded passes).
+        max_pairs: read at most this many pairs from `pairs` (skipped pairs included); `None` reads them all.
+        ridge: ridge strength relative to the mean diagonal of `UᵀU`: `λ = ridge · tr(UᵀU) / d` is added to the
+            diagonal. The default `1e-4` barely changes a well-posed fit and keeps an ill-conditioned one stable;
+            `0` gives plain least squares (the reference's `numpy.linalg.lstsq`).
+        holdout_fraction: fraction of the pairs kept out of the solve to measure `R²` on unseen pairs (in
+            `[0, 1)`; `0` uses every pair and reports `r2_heldout=None`). The held-out pairs are drawn by pair index
+            with `random.Random(seed)`, before the prompts are read: when the number of pairs is known (`len(pairs)`
+            or `max_pairs`), exactly `max(1, round(fraction · n))` of them (at most `n − 1`, none if `n < 2`),
+            otherwise each pair independently with probability `holdout_fraction`.
+        seed: seed of the held-out split.
+        show_progress: show a tqdm progress bar over the pairs.
+        adapter_name: the adapter to fit (default: the active adapter). It must be the one active adapter, since
+            the activations are those of the model with its LoRA weights.
+
+    Returns:
+        Statistics of the fit:
+
+        - `num_pairs`: pairs used in the solve; `num_heldout_pairs`: pairs used for `R²` only;
+          `num_skipped_pairs`: pairs without an anchor (an empty prompt);
+        - `num_rows`: rows of the solve (`num_pairs · num_layers`); `num_heldout_rows`;
+        - `r2_heldout`: `R² = 1 − SSE/SST` of `U T` against `V` over the held-out rows (`SST` around their mean),
+          or `None` without held-out pairs; `r2_train`: the same over the rows of the solve;
+        - `ridge`: the absolute `λ` added to the diagonal of `UᵀU`; `ridge_relative`: the `ridge` argument;
+        - `hidden_size` (`d`), `num_layers` (`L`), `adapter_name`, `seconds` (wall-clock time of the whole fit).
+
+    Raises:
+        ValueError: for invalid arguments, a prompt given as messages or text without a tokenizer, a malformed pair
+            (naming its index), or no usable pair to fit on.
+        TypeError: for a prompt of an unsupported type (naming the pair index).
+    """
+    start = time.perf_counter()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0):
+        raise ValueError(f"`max_pairs` must be None or an int >= 0, got {max_pairs!r}.")
+    if not isinstance(ridge, numbers.Real) or not ridge >= 0 or math.isinf(ridge):
+        raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}.")
+    if not isinstance(holdout_fraction, numbers.Real) or not 0 <= holdout_fraction < 1:
+        raise ValueError(f"`holdout_fraction` must be in [0, 1), got {holdout_fraction!r}.")
+
+    tuner = _cc_tuner(model)
+    adapter_name = _adapter_to_fit(tuner, adapter_name)
+    decoder = tuner._decoder
+    num_layers, hidden_size = decoder.num_layers, decoder.hidden_size
+    device = tuner.model.get_input_embeddings().weight.device
+    stats_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
+    fit = NormalEquations(hidden_size, device=stats_device)
+    heldout = NormalEquations(hidden_size, device=stats_device)
+
+    total = _known_length(pairs, max_pairs)
+    is_heldout = _holdout_split(total, holdout_fraction, seed)
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad_id = 0 if pad_id is None else int(pad_id)
+    counts = _Counts()
+    stream = pairs if max_pairs is None else itertools.islice(pairs, max_pairs)
+    with (
+        _eval_mode(model),
+        torch.no_grad(),
+        tqdm(total=total, disable=not show_progress, desc="Fitting the Transform Matrix", unit="pair") as progress,
+    ):
+        for batch in _batches(stream, batch_size):
+            fit_rows: list[tuple[list[int], list[int]]] = []
+            heldout_rows: list[tuple[list[int], list[int]]] = []
+            for index, pair in batch:
+                source, english = _tokenize_pair(index, pair, tokenizer)
+                held = is_heldout(index)
+                if not source or not english:
+                    counts.skipped += 1
+                elif held:
+                    heldout_rows.append((source, english))
+                else:
+                    fit_rows.append((source, english))
+            for rows, target in ((fit_rows, fit), (heldout_rows, heldout)):
+                if rows:
+                    u = _anchor_activations(tuner, [source for source, _ in rows], num_layers, pad_id, device)
+                    v = _anchor_activations(tuner, [english for _, english in rows], num_layers, pad_id, device)
+                    target.add(u.reshape(-1, hidden_size), v.reshape(-1, hidden_size))
+            counts.consumed += len(batch)
+            counts.fitted += len(fit_rows)
+            counts.heldout += len(heldout_rows)
+            progress.update(len(batch))
+
+    if counts.fitted == 0:
+        raise ValueError(
+            f"No pair to fit the Transform Matrix on: {counts.consumed} pairs read, {counts.skipped} skipped (an "
+            f"empty prompt), {counts.heldout} held out."
+        )
+    if fit.num_rows < hidden_size and ridge == 0:
+        warnings.warn(
+            f"Fitting the {hidden_size}×{hidden_size} Transform Matrix on only {fit.num_rows} rows with ridge=0: the "
+            "problem is underdetermined. Use more pairs or a ridge > 0.",
+            stacklevel=2,
+        )
+    transform, lam = fit.solve(ridge)
+    if not torch.isfinite(transform).all():
+        raise ValueError("The Transform Matrix fit is not finite (non-finite activations?); nothing was stored.")
+    buffer = tuner.cc_transform_matrix[adapter_name]
+    buffer.copy_(transform.to(device=buffer.device, dtype=buffer.dtype))
+    return {
+        "num_pairs": counts.fitted,
+        "num_heldout_pairs": counts.heldout,
+        "num_skipped_pairs": counts.skipped,
+        "num_rows": fit.num_rows,
+        "num_heldout_rows": heldout.num_rows,
+        "r2_heldout": heldout.r_squared(transform),
+        "r2_train": fit.r_squared(transform),
+        "ridge": lam,
+        "ridge_relative": float(ridge),
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "adapter_name": adapter_name,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _cc_tuner(model: nn.Module) -> CCModel:
+    tuner = model if isinstance(model, CCModel) else getattr(model, "base_model", None)
+    if not isinstance(tuner, CCModel):
+        raise ValueError(
+            f"fit_transform_matrix needs a CC-Tuning model (a PeftModel made with CCConfig, or its CCModel), got "
+            f"{type(model).__name__}."
+        )
+    if tuner._connection is None or tuner._decoder is None:
+        raise ValueError("This CC-Tuning model has no connection hooks any more (was it unloaded?).")
+    return tuner
+
+
+def _adapter_to_fit(tuner: CCModel, adapter_name: str | None) -> str:
+    active = list(tuner.active_adapters)
+    if adapter_name is None:
+        if len(active) != 1:
+            raise ValueError(f"Pass `adapter_name`: the Transform Matrix is fitted for one adapter, active: {active}.")
+        adapter_name = active[0]
+    if adapter_name not in tuner.cc_transform_matrix:
+        raise ValueError(f"Unknown CC-Tuning adapter {adapter_name!r}; adapters: {list(tuner.peft_config)}.")
+    if active != [adapter_name]:
+        raise ValueError(
+            f"The Transform Matrix of adapter {adapter_name!r} must be fitted with that adapter active alone (the "
+            f"activations depend on its LoRA weights); active: {active}. Call `model.set_adapter({adapter_name!r})` "
+            "first."
+        )
+    if not tuner._connection_enabled:
+        warnings.warn(
+            "The adapters are disabled: the Transform Matrix is fitted on the activations of the base model, "
+            "without the adapter's LoRA weights.",
+            stacklevel=3,
+        )
+    return adapter_name
+
+
+def _known_length(pairs: Iterable, max_pairs: int | None) -> int | None:
+    """The number of pairs that will be read, when known without consuming `pairs` (`max_pairs` for a stream)."""
+    try:
+        length = len(pairs)  # type: ignore[arg-type]
+    except TypeError:
+        return max_pairs
+    return length if max_pairs is None else min(length, max_pairs)
+
+
+def _holdout_split(total: int | None, fraction: float, seed: int):
+    """A function `pair index -> held out?`, decided by the seed and the index alone (not by the prompts)."""
+    if fraction == 0:
+        return lambda index: False
+    if total is not None:
+        count = 0 if total < 2 else min(total - 1, max(1, round(fraction * total)))
+        return frozenset(random.Random(seed).sample(range(total), count)).__contains__
+    # Unknown number of pairs: an independent seeded draw per pair index (string seeds are hashed deterministically).
+    return lambda index: random.Random(f"{seed}:{index}").random() < fraction
+
+
+def _batches(stream: Iterable, batch_size: int) -> Iterator[list[tuple[int, Any]]]:
+    iterator = enumerate(stream)
+    while batch := list(itertools.islice(iterator, batch_size)):
+        yield batch
+
+
+def _tokenize_pair(index: int, pair: Any, tokenizer: Any | None) -> tuple[list[int], list[int]]:
+    if isinstance(pair, (str, bytes, Mapping)) or not isinstance(pair, Sequence) or len(pair) != 2:
+        raise ValueError(
+            f"Pair {index} must be a (non_english_prompt, english_prompt) tuple, got {type(pair).__name__}"
+            + (f" of length {len(pair)}." if isinstance(pair, Sequence) else ".")
+        )
+    return (
+        _prompt_ids(pair[0], tokenizer, f"pair {index} (non-English prompt)"),
+        _prompt_ids(pair[1], tokenizer, f"pair {index} (English prompt)"),
+    )
+
+
+def _prompt_ids(prompt: Any, tokenizer: Any | None, where: str) -> list[int]:
+    """Token ids of one prompt given as chat messages, templated text, or token ids."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise TypeError(
+                f"{where}: a tensor prompt must be a 1-D integer tensor, got {prompt.dtype} {tuple(prompt.shape)}."
+            )
+        return prompt.tolist()
+    if isinstance(prompt, str):
+        _require_tokenizer(tokenizer, where, "text")
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise TypeError(
+            f"{where}: a prompt must be a list of chat messages, a string or a list of token ids, got "
+            f"{type(prompt).__name__}."
+        )
+    if len(prompt) == 0:
+        return []
+    if all(isinstance(message, Mapping) for message in prompt):
+        if not all("role" in message and "content" in message for message in prompt):
+            raise ValueError(f"{where}: every chat message must have a `role` and a `content`.")
+        _require_tokenizer(tokenizer, where, "chat messages")
+        encoded = tokenizer.apply_chat_template(
+            list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        if isinstance(encoded, torch.Tensor):
+            encoded = encoded.reshape(-1).tolist()
+        return list(encoded)
+    if all(isinstance(token, numbers.Integral) and not isinstance(token, bool) for token in prompt):
+        return [int(token) for token in prompt]
+    raise TypeError(
+        f"{where}: a list prompt must hold only chat messages (dicts with `role` and `content`) or only token ids "
+        f"(ints), got element types {sorted({type(element).__name__ for element in prompt})}."
+    )
+
+
+def _require_tokenizer(tokenizer: Any | None, where: str, kind: str) -> None:
+    if tokenizer is None:
+        raise ValueError(f"{where} is given as {kind}: pass the `tokenizer` to fit_transform_matrix.")
+
+
+def _anchor_activations(
+    tuner: CCModel, prompts: list[list[int]], num_layers: int, pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """`[B, L, d]` FFN activations at the last token of each (non-empty) prompt, in the model's dtype."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, : len(prompt)] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    anchors = last_token_anchors(attention_mask)
+    rows = torch.arange(len(prompts), device=device)
+    return tuner.anchor_activations(input_ids, attention_mask, rows, anchors, list(range(num_layers)))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, and restore each one's own training flag afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
