@@ -68,3 +68,11 @@ def validate_anchors(anchors: torch.Tensor, attention_mask: torch.Tensor | None,
     rows = torch.arange(anchors.shape[0], device=anchors.device)
     on_token = attention_mask[rows, anchors.clamp(min=0)].bool()
     return torch.where(on_token, anchors, NO_ANCHOR)
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` positions counted over attended tokens only (as `generate` does), 0 on padding.
+
+    With right padding they equal `arange(T)` on the tokens; with left padding each row starts at 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

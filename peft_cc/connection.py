@@ -44,7 +44,9 @@ class _Injection:
     rows: torch.Tensor  # [B'] rows to connect
     anchors: torch.Tensor  # [B'] anchor of each of those rows
     vector_for: Callable[[torch.Tensor], torch.Tensor]  # h_in [B', d] -> vector to add [B', d]
+    first_pass_only: bool = False
     first_layer_input: torch.Tensor | None = None
+    applied: bool = False
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -113,7 +115,8 @@ class CrossLingualConnection:
         rows: torch.Tensor,
         anchors: torch.Tensor,
         vector_for: Callable[[torch.Tensor], torch.Tensor],
-    ) -> Iterator[None]:
+        first_pass_only: bool = False,
+    ) -> Iterator[_Injection]:
         """Add a vector to the output of decoder layer `layer` at `(rows, anchors)` during the forward pass.
 
         Args:
@@ -122,12 +125,18 @@ class CrossLingualConnection:
             anchors: `[B']` anchor position of each of those rows.
             vector_for: called once per forward pass with `h_in` at the anchors (`[B', d]`, the hidden state entering
                 the first decoder layer); returns the `[B', d]` vectors to add.
+            first_pass_only: disarm after the first forward pass (generation: only the prompt's pass is connected).
+
+        Yields:
+            The injection; its `applied` attribute tells whether a forward pass received it.
         """
         if self._injection is not None:
             raise RuntimeError("CrossLingualConnection.injecting() is already active.")
-        self._injection = _Injection(layer=layer, rows=rows, anchors=anchors, vector_for=vector_for)
+        self._injection = _Injection(
+            layer=layer, rows=rows, anchors=anchors, vector_for=vector_for, first_pass_only=first_pass_only
+        )
         try:
-            yield
+            yield self._injection
         finally:
             self._injection = None
 
@@ -152,6 +161,9 @@ class CrossLingualConnection:
         hidden = output[0] if isinstance(output, tuple) else output
         vectors = injection.vector_for(injection.first_layer_input).to(hidden.dtype)
         hidden = hidden.index_put((injection.rows, injection.anchors), vectors, accumulate=True)
+        injection.applied = True
+        if injection.first_pass_only:
+            self._injection = None
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 

@@ -67,3 +67,42 @@ class DecisionMaker(nn.Module):
 def sample_gumbel_noise(batch_size: int, num_sources: int, device: torch.device) -> torch.Tensor:
     """`[B, S]` float32 standard Gumbel noise from torch's global generator (reproducible under `manual_seed`)."""
     return -torch.empty(batch_size, num_sources, dtype=torch.float32, device=device).exponential_().log()
+
+
+class ConnectionChoice:
+    """The Decision Maker's choice for one forward pass, and the vector it injects.
+
+    Args:
+        decision_maker: the adapter's Decision Maker.
+        source_activations: `[B', S, d]` English (or simulated English) activations of the candidate layers.
+        temperature: the Gumbel-Softmax temperature.
+        sample: draw a hard Gumbel-Softmax sample (training); otherwise take the arg-max.
+    """
+
+    def __init__(
+        self, decision_maker: DecisionMaker, source_activations: torch.Tensor, temperature: float, sample: bool
+    ) -> None:
+        self.decision_maker = decision_maker
+        self.source_activations = source_activations
+        self.temperature = temperature
+        rows, num_sources = source_activations.shape[:2]
+        self.noise = sample_gumbel_noise(rows, num_sources, source_activations.device) if sample else None
+        self.choice: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def vectors_for(self, first_layer_input: torch.Tensor) -> torch.Tensor:
+        """`c = Σ_l s_l e_l`: `[B', d]` float32 vectors to inject, given `h_in` `[B', d]` at the anchors."""
+        z = self.decision_maker.summarize(first_layer_input, self.source_activations)
+        choice, logits = self.decision_maker(z, self.noise, self.temperature)
+        self.choice, self.logits = choice.detach(), logits.detach()
+        return (choice.unsqueeze(-1) * self.source_activations.float()).sum(dim=1)
+
+    def per_row(self, rows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(layer_choice, layer_logits)`, each `[batch_size, S]` float32, zeros on rows not in `rows`."""
+        num_sources = self.source_activations.shape[1]
+        layer_choice = torch.zeros(batch_size, num_sources, device=rows.device)
+        layer_logits = torch.zeros_like(layer_choice)
+        if self.choice is not None:
+            layer_choice[rows] = self.choice.to(rows.device)
+            layer_logits[rows] = self.logits.to(rows.device)
+        return layer_choice, layer_logits

@@ -12,11 +12,12 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .anchors import anchors_from_labels, last_token_anchors, validate_anchors
+from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_attention_mask, validate_anchors
 from .architecture import DecoderMap, map_decoder
 from .config import CCConfig
 from .connection import CrossLingualConnection
-from .decision_maker import DecisionMaker, sample_gumbel_noise
+from .decision_maker import ConnectionChoice, DecisionMaker
+from .generation import generate_with_connection
 
 DECISION_MAKER_KEY = "cc_decision_maker"
 TRANSFORM_MATRIX_KEY = "cc_transform_matrix"
@@ -163,7 +164,12 @@ class CCModel(LoraModel):
         anchor_positions: torch.LongTensor | None = None,
         **kwargs,
     ):
-        """Forward pass; with `english_input_ids`, the whole CC-Tuning step (see the class docstring).
+        """Forward pass with the cross-lingual connection.
+
+        - With `english_input_ids`: the whole CC-Tuning step (see the class docstring); bilingual in eval mode.
+        - In eval mode with `anchor_positions` and no English prompt: the monolingual connection, with English
+          activations simulated by the fitted Transform Matrix.
+        - Otherwise, in eval mode (or with adapters disabled): the model with LoRA only.
 
         Args:
             english_input_ids: `[B, T_en]` the English prompt of each row, templated like the non-English prompt and
@@ -183,28 +189,74 @@ class CCModel(LoraModel):
                     "`english_attention_mask`) to the forward call. To run without the connection, use "
                     "`with model.disable_adapter():` or put the model in eval mode."
                 )
-            return self.model(*args, **kwargs)
+            if anchor_positions is None:
+                return self.model(*args, **kwargs)
         if args:
             kwargs["input_ids"], *rest = args
             if rest:
                 raise TypeError("Pass the inputs of a CC-Tuning forward call as keyword arguments.")
-        return self._connected_forward(
-            adapter_name, english_input_ids, english_attention_mask, anchor_positions, **kwargs
-        )
-
-    def _connected_forward(
-        self,
-        adapter_name: str,
-        english_input_ids: torch.LongTensor,
-        english_attention_mask: torch.Tensor | None,
-        anchor_positions: torch.LongTensor | None,
-        **kwargs,
-    ):
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("The CC-Tuning connection needs `input_ids` (inputs_embeds alone are not supported).")
         attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         anchors = self._anchors(input_ids, attention_mask, kwargs.get("labels"), anchor_positions)
+        config: CCConfig = self.peft_config[adapter_name]
+        sources = self.source_layers(adapter_name)
+
+        if english_input_ids is None:
+            rows = (anchors >= 0).nonzero().squeeze(-1)
+            activations = self.simulated_english_activations(
+                self.anchor_activations(input_ids, attention_mask, rows, anchors[rows], sources), adapter_name
+            )
+        else:
+            english_attention_mask = self._check_english_inputs(input_ids, english_input_ids, english_attention_mask)
+            english_anchors = last_token_anchors(english_attention_mask.to(anchors.device))
+            rows = ((anchors >= 0) & (english_anchors >= 0)).nonzero().squeeze(-1)
+            activations = self.anchor_activations(
+                english_input_ids,
+                english_attention_mask,
+                rows,
+                english_anchors[rows],
+                sources,
+                config.english_gradients,
+            )
+
+        choice = ConnectionChoice(
+            self.cc_decision_maker[adapter_name], activations, config.gumbel_temperature, sample=self.training
+        )
+        with self._connection.injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for):
+            outputs = self.model(**kwargs)
+        if not isinstance(outputs, ModelOutput):
+            return outputs
+        connected = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        connected[rows] = True
+        layer_choice, layer_logits = choice.per_row(rows, input_ids.shape[0])
+        return CCCausalLMOutputWithPast(
+            **outputs, connected_rows=connected, layer_choice=layer_choice, layer_logits=layer_logits
+        )
+
+    def generate(self, *args, **kwargs):
+        """`generate` with the connection at the last prompt token of every (left-padded) row.
+
+        Takes the arguments of `transformers.GenerationMixin.generate`, plus `english_input_ids`,
+        `english_attention_mask` and `connection` (`"monolingual"`, `"bilingual"` or `"off"`); see
+        :func:`peft_cc.generation.generate_with_connection`.
+        """
+        if args:
+            kwargs["input_ids"], *rest = args
+            if rest:
+                raise TypeError("Pass the inputs of generate() as keyword arguments.")
+        if kwargs.get("input_ids") is None:
+            raise ValueError("Generation with the CC-Tuning connection needs `input_ids`.")
+        return generate_with_connection(self, **kwargs)
+
+    @staticmethod
+    def _check_english_inputs(
+        input_ids: torch.Tensor, english_input_ids: torch.Tensor, english_attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Validate the English inputs against `input_ids`; return the English attention mask (default: all ones)."""
         if english_attention_mask is None:
             english_attention_mask = torch.ones_like(english_input_ids)
         if english_input_ids.shape[0] != input_ids.shape[0] or english_attention_mask.shape != english_input_ids.shape:
@@ -213,43 +265,12 @@ class CCModel(LoraModel):
                 f"{tuple(english_attention_mask.shape)} must have one row per row of `input_ids` "
                 f"{tuple(input_ids.shape)}."
             )
-        english_anchors = last_token_anchors(english_attention_mask.to(anchors.device))
-        connected = (anchors >= 0) & (english_anchors >= 0)
-        rows = connected.nonzero().squeeze(-1)
-
-        config: CCConfig = self.peft_config[adapter_name]
-        sources = config.resolve_source_layers(self._decoder.num_layers)
-        english = self.anchor_activations(
-            english_input_ids, english_attention_mask, rows, english_anchors[rows], sources, config.english_gradients
-        )
-        decision_maker = self.cc_decision_maker[adapter_name]
-        noise = sample_gumbel_noise(len(rows), len(sources), english.device) if self.training else None
-        record: dict[str, torch.Tensor] = {}
-
-        def vector_for(first_layer_input: torch.Tensor) -> torch.Tensor:
-            z = decision_maker.summarize(first_layer_input, english)
-            choice, logits = decision_maker(z, noise, config.gumbel_temperature)
-            record.update(choice=choice.detach(), logits=logits.detach())
-            return (choice.unsqueeze(-1) * english.float()).sum(dim=1)
-
-        with self._connection.injecting(config.injection_layer, rows, anchors[rows], vector_for):
-            outputs = self.model(**kwargs)
-        if not isinstance(outputs, ModelOutput):
-            return outputs
-        batch_size = input_ids.shape[0]
-        layer_choice = english.new_zeros(batch_size, len(sources), dtype=torch.float32)
-        layer_logits = torch.zeros_like(layer_choice)
-        if len(rows):
-            layer_choice[rows] = record["choice"]
-            layer_logits[rows] = record["logits"]
-        return CCCausalLMOutputWithPast(
-            **outputs, connected_rows=connected, layer_choice=layer_choice, layer_logits=layer_logits
-        )
+        return english_attention_mask
 
     @staticmethod
     def _anchors(
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
         anchor_positions: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -292,11 +313,41 @@ class CCModel(LoraModel):
         with torch.set_grad_enabled(with_autograd and torch.is_grad_enabled()):
             with self._connection.capturing(batch_rows, anchors, layers, with_autograd) as captured:
                 if len(rows):
-                    decoder(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
+                    mask = attention_mask[rows]
+                    decoder(
+                        input_ids=input_ids[rows],
+                        attention_mask=mask,
+                        position_ids=position_ids_from_attention_mask(mask),
+                        use_cache=False,
+                    )
         if not len(rows):
             weight = self.cc_decision_maker[self.active_adapters[0]].weight
             return weight.new_zeros(0, len(layers), self._decoder.hidden_size)
         return torch.stack([captured[layer] for layer in layers], dim=1)
+
+    def simulated_english_activations(
+        self, activations: torch.Tensor, adapter_name: str | None = None
+    ) -> torch.Tensor:
+        """`ê = u T`: English activations simulated from the model's own, with the fitted Transform Matrix.
+
+        Args:
+            activations: `[..., d]` FFN activations `u` of the non-English prompt at its anchor.
+
+        Returns:
+            `[..., d]` float32.
+
+        Raises:
+            ValueError: if the Transform Matrix of the adapter was never fitted.
+        """
+        matrix = self.transform_matrix(adapter_name)
+        if not torch.any(matrix):
+            raise ValueError(
+                "The Transform Matrix of this CC-Tuning adapter was never fitted, so the monolingual connection "
+                "cannot simulate the English activations. Fit it with `peft_cc.fit_transform_matrix(model, pairs, "
+                "tokenizer)` on (non-English, English) prompt pairs, pass `english_input_ids` for the bilingual "
+                "connection, or generate without the connection with `connection='off'`."
+            )
+        return activations.float() @ matrix
 
     # ------------------------------------------------------------------------------------------------ loading
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -96,14 +97,6 @@ class NormalEquations:
         self.target_sq_sum += v.square().sum()
         self.num_rows += u.shape[0]
 
-    def merge(self, other: NormalEquations) -> None:
-        """Add the rows summarised by `other` (as if they had been added here)."""
-        self.gram += other.gram.to(self.gram.device)
-        self.cross += other.cross.to(self.cross.device)
-        self.target_sum += other.target_sum.to(self.target_sum.device)
-        self.target_sq_sum += other.target_sq_sum.to(self.target_sq_sum.device)
-        self.num_rows += other.num_rows
-
     def ridge_value(self, ridge: float = DEFAULT_RIDGE) -> float:
         """The absolute ridge `λ = ridge · tr(UᵀU) / d_in` (`ridge` is relative to the mean diagonal of `UᵀU`)."""
         if not ridge >= 0:
@@ -115,27 +108,32 @@ class NormalEquations:
 
         Args:
             ridge: relative ridge strength; `λ = ridge · tr(UᵀU) / d_in` (see :meth:`ridge_value`). `0` gives plain
-                least squares. When `UᵀU + λI` is singular (e.g. `ridge=0` with fewer independent rows than
-                `d_in`), the minimum-norm least-squares solution is returned (as `numpy.linalg.lstsq` would), with
-                a warning.
+                least squares. When `UᵀU + λI` is (numerically) singular, e.g. with `ridge=0` and fewer independent
+                rows than `d_in`, the minimum-norm least-squares solution is returned (as `numpy.linalg.lstsq`
+                gives), with a warning.
 
         Returns:
             `(T, λ)`: `T` `[d_in, d_out]` float64 on this accumulator's device, and the absolute ridge added.
 
         Raises:
-            ValueError: if no rows were added.
+            ValueError: if no rows were added, or the statistics are not finite.
         """
         if self.num_rows == 0:
             raise ValueError("Cannot solve the normal equations: no rows were added.")
+        if not (torch.isfinite(self.gram).all() and torch.isfinite(self.cross).all()):
+            raise ValueError("Cannot solve the normal equations: the rows added were not all finite.")
         lam = self.ridge_value(ridge)
         system = self.gram.clone()
         system.diagonal().add_(lam)
         factor, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
-            return torch.cholesky_solve(self.cross, factor), lam
+            # (min/max pivot)² estimates 1/cond(UᵀU + λI) from below; trust the factor unless it is at rounding level.
+            pivots = factor.diagonal()
+            if float((pivots.min() / pivots.max()) ** 2) > self.in_features * torch.finfo(torch.float64).eps:
+                return torch.cholesky_solve(self.cross, factor), lam
         warnings.warn(
-            f"UᵀU + λI (λ={lam:.3g}) is singular ({self.num_rows} rows of width {self.in_features}); returning the "
-            "minimum-norm least-squares solution. Use more pairs or a ridge > 0 for a well-posed fit.",
+            f"UᵀU + λI (λ={lam:.3g}) is singular ({self.num_rows} rows of width {self.in_features}): returning the "
+            "minimum-norm least-squares solution. Use more rows or a ridge > 0 for a well-posed fit.",
             stacklevel=2,
         )
         return torch.linalg.pinv(system, hermitian=True) @ self.cross, lam
@@ -209,7 +207,7 @@ def fit_transform_matrix(
               `tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)`;
             - a string: the already templated prompt text (ending with the generation prompt), tokenized with
               `tokenizer(text, add_special_tokens=False)` since the template already holds the special tokens;
-            - a list (or 1-D tensor) of token ids, used as they are.
+            - a list (or 1-D integer tensor or numpy array) of token ids, used as they are.
 
             The anchor is the last token of the prompt. A pair in which either prompt is empty has no anchor: it is
             skipped and counted in `num_skipped_pairs`.
@@ -278,25 +276,25 @@ def fit_transform_matrix(
         tqdm(total=total, disable=not show_progress, desc="Fitting the Transform Matrix", unit="pair") as progress,
     ):
         for batch in _batches(stream, batch_size):
-            fit_rows: list[tuple[list[int], list[int]]] = []
-            heldout_rows: list[tuple[list[int], list[int]]] = []
+            sources, englishes, held = [], [], []
             for index, pair in batch:
                 source, english = _tokenize_pair(index, pair, tokenizer)
-                held = is_heldout(index)
-                if not source or not english:
-                    counts.skipped += 1
-                elif held:
-                    heldout_rows.append((source, english))
+                if source and english:
+                    sources.append(source)
+                    englishes.append(english)
+                    held.append(is_heldout(index))
                 else:
-                    fit_rows.append((source, english))
-            for rows, target in ((fit_rows, fit), (heldout_rows, heldout)):
-                if rows:
-                    u = _anchor_activations(tuner, [source for source, _ in rows], num_layers, pad_id, device)
-                    v = _anchor_activations(tuner, [english for _, english in rows], num_layers, pad_id, device)
-                    target.add(u.reshape(-1, hidden_size), v.reshape(-1, hidden_size))
+                    counts.skipped += 1
+            if sources:
+                u = _anchor_activations(tuner, sources, num_layers, pad_id, device)  # [B', L, d]
+                v = _anchor_activations(tuner, englishes, num_layers, pad_id, device)
+                mask = torch.tensor(held, device=u.device)
+                for target, rows in ((fit, ~mask), (heldout, mask)):
+                    if rows.any():
+                        target.add(u[rows].reshape(-1, hidden_size), v[rows].reshape(-1, hidden_size))
             counts.consumed += len(batch)
-            counts.fitted += len(fit_rows)
-            counts.heldout += len(heldout_rows)
+            counts.heldout += sum(held)
+            counts.fitted += len(held) - sum(held)
             progress.update(len(batch))
 
     if counts.fitted == 0:
@@ -304,10 +302,11 @@ def fit_transform_matrix(
             f"No pair to fit the Transform Matrix on: {counts.consumed} pairs read, {counts.skipped} skipped (an "
             f"empty prompt), {counts.heldout} held out."
         )
-    if fit.num_rows < hidden_size and ridge == 0:
+    if fit.num_rows < hidden_size:
         warnings.warn(
-            f"Fitting the {hidden_size}×{hidden_size} Transform Matrix on only {fit.num_rows} rows with ridge=0: the "
-            "problem is underdetermined. Use more pairs or a ridge > 0.",
+            f"Fitting the {hidden_size}×{hidden_size} Transform Matrix on only {fit.num_rows} rows ({counts.fitted} "
+            f"pairs × {num_layers} layers): the problem is underdetermined and the ridge (or, with ridge=0, the "
+            "minimum-norm choice) decides the rest. Use more pairs.",
             stacklevel=2,
         )
     transform, lam = fit.solve(ridge)
@@ -407,6 +406,8 @@ def _tokenize_pair(index: int, pair: Any, tokenizer: Any | None) -> tuple[list[i
 
 def _prompt_ids(prompt: Any, tokenizer: Any | None, where: str) -> list[int]:
     """Token ids of one prompt given as chat messages, templated text, or token ids."""
+    if isinstance(prompt, np.ndarray):
+        prompt = torch.from_numpy(prompt) if prompt.dtype.kind in "iu" else prompt
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
             raise TypeError(
