@@ -7,9 +7,10 @@ Importing this package registers the method with PEFT under ``PeftType.CC``, so 
 from .config import CCConfig
 from .model import CCCausalLMOutputWithPast, CCModel
 from .registration import register
+from .transform_matrix import NormalEquations, fit_transform_matrix
 
 __version__ = "0.1.0"
 
-__all__ = ["CCCausalLMOutputWithPast", "CCConfig", "CCModel", "register"]
+__all__ = ["CCCausalLMOutputWithPast", "CCConfig", "CCModel", "NormalEquations", "fit_transform_matrix", "register"]
 
 register()

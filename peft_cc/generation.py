@@ -92,6 +92,7 @@ def generate_with_connection(
     english_input_ids: torch.LongTensor | None = None,
     english_attention_mask: torch.Tensor | None = None,
     connection: Connection | None = None,
+    share_prompt_cache: bool = True,
     **kwargs,
 ) -> torch.LongTensor:
     """`generate` with the cross-lingual connection applied once, at the last prompt token of every row.
@@ -105,6 +106,8 @@ def generate_with_connection(
         connection: `"monolingual"` (simulated English activations; needs a fitted Transform Matrix),
             `"bilingual"` (real English prompts), `"off"` (LoRA only). Default: bilingual when English prompts are
             given, else monolingual.
+        share_prompt_cache: reuse the prompt's key-value cache (one extra token step). `False` recomputes: a first
+            full pass over the prompt, then `generate` from scratch (the naive method; for comparisons).
         **kwargs: passed to `generate` (`max_new_tokens`, `do_sample`, `num_beams`, ...).
 
     Returns:
@@ -138,7 +141,7 @@ def generate_with_connection(
         cc_model.simulated_english_activations(torch.zeros(cc_model._decoder.hidden_size), adapter_name)
 
     cache, activations = None, None
-    if _can_share_cache(cc_model, kwargs):
+    if share_prompt_cache and _can_share_cache(cc_model, kwargs):
         cache, activations = _prefill(cc_model, input_ids, attention_mask, sources if monolingual else [])
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     anchors = torch.full_like(rows, input_ids.shape[1] - 1)

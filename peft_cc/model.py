@@ -321,8 +321,8 @@ class CCModel(LoraModel):
                         use_cache=False,
                     )
         if not len(rows):
-            weight = self.cc_decision_maker[self.active_adapters[0]].weight
-            return weight.new_zeros(0, len(layers), self._decoder.hidden_size)
+            embedding = self.model.get_input_embeddings().weight
+            return embedding.new_zeros(0, len(layers), self._decoder.hidden_size)
         return torch.stack([captured[layer] for layer in layers], dim=1)
 
     def simulated_english_activations(

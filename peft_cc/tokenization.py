@@ -10,38 +10,67 @@ A prompt is one of:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
 
-def prompt_token_ids(prompt: Prompt, tokenizer=None) -> list[int]:
+def prompt_token_ids(prompt: Prompt, tokenizer: Any | None = None, where: str = "The prompt") -> list[int]:
     """The token ids of `prompt` (see the module docstring for the accepted forms).
 
+    Args:
+        prompt: chat messages, templated text, or token ids (a list, a 1-D integer tensor or array).
+        tokenizer: needed for text and chat messages.
+        where: how error messages name the prompt, e.g. "Pair 3, English prompt".
+
     Raises:
-        ValueError: a string or messages without a tokenizer.
+        ValueError: text or messages without a tokenizer, or a message without `role` and `content`.
         TypeError: any other kind of prompt.
     """
-    if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict)):
-        if tokenizer is None:
-            raise ValueError("A tokenizer is needed to tokenise a prompt given as text or chat messages.")
-        if isinstance(prompt, str):
-            return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return tokenizer.apply_chat_template(
+    if isinstance(prompt, np.ndarray):
+        prompt = torch.from_numpy(prompt) if prompt.dtype.kind in "iu" else prompt
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise TypeError(
+                f"{where}: a tensor prompt must be a 1-D integer tensor, got {prompt.dtype} {tuple(prompt.shape)}."
+            )
+        return prompt.tolist()
+    if isinstance(prompt, str):
+        _require_tokenizer(tokenizer, where, "text")
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise TypeError(
+            f"{where}: a prompt must be a list of chat messages, a string or a list of token ids, got "
+            f"{type(prompt).__name__}."
+        )
+    if len(prompt) == 0:
+        return []
+    if all(isinstance(message, Mapping) for message in prompt):
+        if not all("role" in message and "content" in message for message in prompt):
+            raise ValueError(f"{where}: every chat message must have a `role` and a `content`.")
+        _require_tokenizer(tokenizer, where, "chat messages")
+        encoded = tokenizer.apply_chat_template(
             list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
-    if isinstance(prompt, torch.Tensor):
-        prompt = prompt.tolist()
-    if isinstance(prompt, Sequence) and all(
-        isinstance(token, int) and not isinstance(token, bool) for token in prompt
-    ):
-        return list(prompt)
+        if isinstance(encoded, torch.Tensor):
+            encoded = encoded.reshape(-1).tolist()
+        return list(encoded)
+    if all(isinstance(token, numbers.Integral) and not isinstance(token, bool) for token in prompt):
+        return [int(token) for token in prompt]
     raise TypeError(
-        f"A prompt must be chat messages, a string or a list of token ids, got {type(prompt).__name__}: {prompt!r:.80}"
+        f"{where}: a list prompt must hold only chat messages (dicts with `role` and `content`) or only token ids "
+        f"(ints), got element types {sorted({type(element).__name__ for element in prompt})}."
     )
+
+
+def _require_tokenizer(tokenizer: Any | None, where: str, kind: str) -> None:
+    if tokenizer is None:
+        raise ValueError(f"{where} is given as {kind}: pass a `tokenizer`.")
 
 
 def encode_pair(

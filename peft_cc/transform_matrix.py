@@ -25,13 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .anchors import last_token_anchors
 from .model import CCModel
+from .tokenization import prompt_token_ids
 
 DEFAULT_RIDGE = 1e-4
 DEFAULT_HOLDOUT_FRACTION = 0.1
@@ -399,52 +399,9 @@ def _tokenize_pair(index: int, pair: Any, tokenizer: Any | None) -> tuple[list[i
             + (f" of length {len(pair)}." if isinstance(pair, Sequence) else ".")
         )
     return (
-        _prompt_ids(pair[0], tokenizer, f"pair {index} (non-English prompt)"),
-        _prompt_ids(pair[1], tokenizer, f"pair {index} (English prompt)"),
+        prompt_token_ids(pair[0], tokenizer, f"pair {index} (non-English prompt)"),
+        prompt_token_ids(pair[1], tokenizer, f"pair {index} (English prompt)"),
     )
-
-
-def _prompt_ids(prompt: Any, tokenizer: Any | None, where: str) -> list[int]:
-    """Token ids of one prompt given as chat messages, templated text, or token ids."""
-    if isinstance(prompt, np.ndarray):
-        prompt = torch.from_numpy(prompt) if prompt.dtype.kind in "iu" else prompt
-    if isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
-            raise TypeError(
-                f"{where}: a tensor prompt must be a 1-D integer tensor, got {prompt.dtype} {tuple(prompt.shape)}."
-            )
-        return prompt.tolist()
-    if isinstance(prompt, str):
-        _require_tokenizer(tokenizer, where, "text")
-        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
-        raise TypeError(
-            f"{where}: a prompt must be a list of chat messages, a string or a list of token ids, got "
-            f"{type(prompt).__name__}."
-        )
-    if len(prompt) == 0:
-        return []
-    if all(isinstance(message, Mapping) for message in prompt):
-        if not all("role" in message and "content" in message for message in prompt):
-            raise ValueError(f"{where}: every chat message must have a `role` and a `content`.")
-        _require_tokenizer(tokenizer, where, "chat messages")
-        encoded = tokenizer.apply_chat_template(
-            list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-        if isinstance(encoded, torch.Tensor):
-            encoded = encoded.reshape(-1).tolist()
-        return list(encoded)
-    if all(isinstance(token, numbers.Integral) and not isinstance(token, bool) for token in prompt):
-        return [int(token) for token in prompt]
-    raise TypeError(
-        f"{where}: a list prompt must hold only chat messages (dicts with `role` and `content`) or only token ids "
-        f"(ints), got element types {sorted({type(element).__name__ for element in prompt})}."
-    )
-
-
-def _require_tokenizer(tokenizer: Any | None, where: str, kind: str) -> None:
-    if tokenizer is None:
-        raise ValueError(f"{where} is given as {kind}: pass the `tokenizer` to fit_transform_matrix.")
 
 
 def _anchor_activations(

@@ -11,6 +11,7 @@ from conftest import VOCAB_SIZE, make_tiny_model
 from torch import nn
 
 import peft_cc
+from peft_cc.anchors import position_ids_from_attention_mask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = "default"
@@ -160,3 +161,33 @@ def run_python(code, *args, timeout=300):
     )
     assert result.returncode == 0, f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+MAX_NEW_TOKENS = 6
+
+
+def fit_random_transform(model, seed: int = 0, scale: float = 0.3) -> None:
+    """Stand-in for a fitted Transform Matrix: identity plus a random d×d map (plumbing tests need no real fit)."""
+    matrix = cc_tuner(model).transform_matrix()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        matrix.copy_(torch.eye(matrix.shape[0]) + scale * torch.randn(matrix.shape, generator=generator))
+
+
+@torch.no_grad()
+def naive_greedy(model, input_ids, attention_mask, steps: int = MAX_NEW_TOKENS, **connection_inputs) -> torch.Tensor:
+    """The reference: at every step, full forward passes over the prompt (the connected one with the anchor at the
+    last prompt token) and all generated tokens, without any cache; the arg-max is appended."""
+    anchor = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+    sequence, mask = input_ids, attention_mask
+    for _ in range(steps):
+        logits = model(
+            input_ids=sequence,
+            attention_mask=mask,
+            position_ids=position_ids_from_attention_mask(mask),
+            anchor_positions=anchor,
+            **connection_inputs,
+        ).logits
+        sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return sequence

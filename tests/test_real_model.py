@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fit_random_transform, naive_greedy
 from peft import get_peft_model
 
 from peft_cc import CCConfig
@@ -103,3 +104,23 @@ def test_connected_forward_equals_step_by_step_computation(
                 hidden[0, anchor] += english_activation
         expected = model.base_model.model.lm_head(decoder_model.norm(hidden))
     torch.testing.assert_close(connected, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_generation_equals_naive_two_pass_method_on_real_text(smollm2_model, smollm2_tokenizer):
+    """Left-padded French chat prompts of uneven length, greedy, shared cache vs full recomputation."""
+    model = get_peft_model(smollm2_model, CCConfig(r=8, target_modules="all-linear"))
+    _randomize_lora(model)
+    fit_random_transform(model, scale=0.1)
+    model.eval()
+    smollm2_tokenizer.padding_side = "left"
+    questions = [QUESTION_FR, "Combien de pattes a une araignée ? Réponds en une phrase."]
+    prompts = [
+        smollm2_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in questions
+    ]
+    batch = smollm2_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    generated = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    expected = naive_greedy(model, batch["input_ids"], batch["attention_mask"], steps=8)
+    assert torch.equal(generated[:, : expected.shape[1]], expected)

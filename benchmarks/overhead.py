@@ -1,0 +1,174 @@
+"""What CC-Tuning costs over plain LoRA, in training, generation and the Transform Matrix fit.
+
+Measured in one run on the same model, batch and machine, so that the ratios cancel the machine's speed and most
+of its noise (variants are interleaved and each timing is the median of `--repeats` runs). Prints one JSON object.
+
+    python benchmarks/overhead.py                      # SmolLM2-135M-Instruct, float32, on the CPU
+    python benchmarks/overhead.py --repeats 7 --threads 2
+
+Ratios:
+- train_step_ratio[_no_english_grad]: CC-Tuning step / plain LoRA step (forward + backward, same 8 rows of
+  64 prompt + 64 response tokens; the English prompt is 64 tokens), with gradients through the English pass or not.
+- train_step_floor[_no_english_grad]: 1 + (the English-prompt pass alone: its forward, plus its backward when
+  gradients flow) / plain LoRA step. What CC-Tuning would cost if that pass were its only extra work.
+- generate_ratio: CC generation (shared prompt cache) / plain LoRA generation (4 prompts of 64 tokens, 32 new
+  tokens, greedy); generate_ratio_naive: the naive two-pass method / plain LoRA generation.
+- fit_seconds_per_pair: Transform Matrix fit time per (non-English, English) prompt pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_cc import CCConfig, fit_transform_matrix
+from peft_cc.packaged_models import resolve_model_path
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--fit-pairs", type=int, default=32)
+    return parser.parse_args()
+
+
+def median_seconds(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Run every function once to warm up, then `repeats` interleaved rounds; the median seconds of each."""
+    for function in functions.values():
+        function()
+    timings: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def random_tokens(shape: tuple[int, ...], vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(100, vocab_size - 100, shape, generator=generator)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    lora = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+
+    def load(config):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
+        with torch.no_grad():  # non-zero LoRA B, as after some training
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.01)
+        return model
+
+    plain = load(LoraConfig(task_type="CAUSAL_LM", **lora))
+    cc = load(CCConfig(**lora))
+    cc_no_english_grad = load(CCConfig(english_gradients=False, **lora))
+    vocab = plain.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+
+    # Training: 8 rows of 64 prompt + 64 response tokens; English prompts of 64 tokens.
+    input_ids = random_tokens((8, 128), vocab, generator)
+    labels = input_ids.clone()
+    labels[:, :64] = -100
+    english_ids = random_tokens((8, 64), vocab, generator)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    english = {"english_input_ids": english_ids, "english_attention_mask": torch.ones_like(english_ids)}
+
+    def step(model, inputs) -> Callable[[], None]:
+        def run() -> None:
+            model.train()
+            model(**inputs).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    def english_pass(model, with_grad: bool) -> Callable[[], None]:
+        tuner = model.base_model
+        rows = torch.arange(8)
+        anchors = torch.full((8,), 63)
+        layers = tuner.source_layers()
+
+        def run() -> None:
+            model.train()
+            with torch.set_grad_enabled(with_grad):
+                activations = tuner.anchor_activations(
+                    english_ids, torch.ones_like(english_ids), rows, anchors, layers, with_autograd=with_grad
+                )
+            if with_grad:
+                activations.float().sum().backward()
+                model.zero_grad(set_to_none=True)
+
+        return run
+
+    train = median_seconds(
+        {
+            "plain_lora_step": step(plain, batch),
+            "cc_step": step(cc, {**batch, **english}),
+            "cc_step_no_english_grad": step(cc_no_english_grad, {**batch, **english}),
+            "english_pass_with_grad": english_pass(cc, True),
+            "english_pass_no_grad": english_pass(cc_no_english_grad, False),
+        },
+        args.repeats,
+    )
+
+    # Generation: 4 prompts of 64 tokens, 32 new tokens, greedy; the Transform Matrix set to a fitted-like map.
+    with torch.no_grad():
+        cc.base_model.transform_matrix().copy_(torch.eye(cc.config.hidden_size))
+    prompts = random_tokens((4, 64), vocab, generator)
+    generate = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=32, do_sample=False)
+    for model in (plain, cc):
+        model.eval()
+        model.generation_config.eos_token_id = None  # always 32 new tokens
+        model.generation_config.pad_token_id = 0
+
+    generation = median_seconds(
+        {
+            "plain_lora_generate": lambda: plain.generate(**generate),
+            "cc_generate": lambda: cc.generate(**generate),
+            "cc_generate_naive": lambda: cc.generate(**generate, share_prompt_cache=False),
+        },
+        args.repeats,
+    )
+
+    # Transform Matrix fit on (64-token, 64-token) prompt pairs given as token ids.
+    pairs = [
+        (random_tokens((64,), vocab, generator).tolist(), random_tokens((64,), vocab, generator).tolist())
+        for _ in range(args.fit_pairs)
+    ]
+    start = time.perf_counter()
+    fit_transform_matrix(cc, pairs, batch_size=8, show_progress=False)
+    fit_seconds = time.perf_counter() - start
+
+    plain_step = train["plain_lora_step"]
+    result = {
+        "model": args.model,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "train_step_ratio": train["cc_step"] / plain_step,
+        "train_step_floor": 1 + train["english_pass_with_grad"] / plain_step,
+        "train_step_ratio_no_english_grad": train["cc_step_no_english_grad"] / plain_step,
+        "train_step_floor_no_english_grad": 1 + train["english_pass_no_grad"] / plain_step,
+        "generate_ratio": generation["cc_generate"] / generation["plain_lora_generate"],
+        "generate_ratio_naive": generation["cc_generate_naive"] / generation["plain_lora_generate"],
+        "fit_seconds_per_pair": fit_seconds / args.fit_pairs,
+        "seconds": {**train, **generation, "fit_total": fit_seconds},
+    }
+    print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
