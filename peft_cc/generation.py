@@ -167,7 +167,8 @@ def generate_with_connection(
     )
     step_rows = torch.arange(input_ids.shape[0] * expand, device=input_ids.device)
     if cache is not None:
-        cache.batch_repeat_interleave(expand)
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)
         kwargs["cache"] = cache
         step_anchor = 0  # the first step of generate runs the anchor token alone
     else:

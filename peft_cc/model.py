@@ -230,6 +230,10 @@ class CCModel(LoraModel):
             outputs = self.model(**kwargs)
         if not isinstance(outputs, ModelOutput):
             return outputs
+        if len(rows) == 0 and outputs.loss is not None and torch.is_grad_enabled():
+            # No row was connected, so the Decision Maker took no part in the loss. Keep it in the graph with a zero
+            # gradient: distributed data parallel expects every trainable parameter to receive one in every step.
+            outputs.loss = outputs.loss + 0.0 * self.cc_decision_maker[adapter_name].weight.sum()
         connected = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         connected[rows] = True
         layer_choice, layer_logits = choice.per_row(rows, input_ids.shape[0])
