@@ -18,7 +18,10 @@ class CCConfig(LoraConfig):
     `"all-linear"`, `lora_dropout`, `use_rslora`, ...). The fields below configure the connection; their defaults
     reproduce the method of the paper (CC-Tuning, ACL 2025): the English activation chosen by the Decision Maker
     among all layers is added to the residual stream at the anchor right after the first decoder layer, with a
-    hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass.
+    hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass. `injection_scaling`,
+    `gumbel_temperature_final`, `soft_choice_fraction` and `choice_balance_weight` are options beyond the paper
+    that change how the Decision Maker learns (see `docs/decision_maker.md`); their defaults leave the method as
+    published.
 
     Args:
         injection_layer (`int`, defaults to `0`):
@@ -30,6 +33,14 @@ class CCConfig(LoraConfig):
         english_gradients (`bool`, defaults to `True`):
             Whether gradients flow through the English pass (as in the paper). `False` runs it without autograd,
             which saves the memory and time of its backward.
+        injection_scaling (`str`, defaults to `"none"`):
+            `"residual_norm"` rescales each source activation to the norm of the residual stream at the anchor.
+        gumbel_temperature_final (`float`, *optional*):
+            Anneal the temperature geometrically to this value over training.
+        soft_choice_fraction (`float`, defaults to `0.0`):
+            Fraction of training that injects the soft mixture instead of a one-hot choice.
+        choice_balance_weight (`float`, defaults to `0.0`):
+            Weight of the load-balancing term KL(mean choice probabilities || uniform) added to the loss.
         ffn_output_module (`str`, *optional*):
             Name, inside each decoder layer, of the module whose output is the FFN's contribution to the residual
             stream. `None` infers it for the supported architectures.
@@ -68,6 +79,43 @@ class CCConfig(LoraConfig):
             "help": (
                 "Whether gradients flow through the English pass (True, as in the paper). False runs the English "
                 "pass without autograd: less memory and time, and LoRA then learns only from the non-English pass."
+            )
+        },
+    )
+    injection_scaling: str = field(
+        default="none",
+        metadata={
+            "help": (
+                "How the chosen English activation is scaled before it is added: 'none' (as in the paper) or "
+                "'residual_norm' (every source activation is rescaled to the norm of the residual stream at the "
+                "anchor it is added to, so that layers of very different activation norms perturb it equally)."
+            )
+        },
+    )
+    gumbel_temperature_final: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "If set, the Gumbel-Softmax temperature anneals geometrically from `gumbel_temperature` to this "
+                "value over training (the trainer reports the progress). None keeps it constant, as in the paper."
+            )
+        },
+    )
+    soft_choice_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Fraction of training (0..1) during which the connection injects the soft Gumbel-Softmax mixture of "
+                "all candidate layers instead of a one-hot choice. 0 (the paper) is hard from the start."
+            )
+        },
+    )
+    choice_balance_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Weight of a load-balancing term added to the training loss: KL(mean choice probabilities over the "
+                "batch || uniform), which keeps the Decision Maker from collapsing early. 0 (the paper) adds nothing."
             )
         },
     )
@@ -128,10 +176,30 @@ class CCConfig(LoraConfig):
             raise ValueError(f"`gumbel_temperature` must be a number > 0, got {self.gumbel_temperature!r}.")
         if not isinstance(self.english_gradients, bool):
             raise ValueError(f"`english_gradients` must be True or False, got {self.english_gradients!r}.")
+        if self.injection_scaling not in ("none", "residual_norm"):
+            raise ValueError(f"`injection_scaling` must be 'none' or 'residual_norm', got {self.injection_scaling!r}.")
+        if self.gumbel_temperature_final is not None and (
+            isinstance(self.gumbel_temperature_final, bool)
+            or not isinstance(self.gumbel_temperature_final, (int, float))
+            or not self.gumbel_temperature_final > 0
+        ):
+            raise ValueError(
+                f"`gumbel_temperature_final` must be a number > 0 or None, got {self.gumbel_temperature_final!r}."
+            )
+        if isinstance(self.soft_choice_fraction, bool) or not 0 <= self.soft_choice_fraction <= 1:
+            raise ValueError(f"`soft_choice_fraction` must lie in [0, 1], got {self.soft_choice_fraction!r}.")
+        if isinstance(self.choice_balance_weight, bool) or not self.choice_balance_weight >= 0:
+            raise ValueError(f"`choice_balance_weight` must be >= 0, got {self.choice_balance_weight!r}.")
         if self.ffn_output_module is not None and not (
             isinstance(self.ffn_output_module, str) and self.ffn_output_module
         ):
             raise ValueError(f"`ffn_output_module` must be a module name or None, got {self.ffn_output_module!r}.")
+
+    def temperature_at(self, progress: float) -> float:
+        """The Gumbel-Softmax temperature at `progress` (0..1) of training."""
+        if self.gumbel_temperature_final is None:
+            return float(self.gumbel_temperature)
+        return float(self.gumbel_temperature * (self.gumbel_temperature_final / self.gumbel_temperature) ** progress)
 
     def resolve_source_layers(self, num_layers: int) -> list[int]:
         """Candidate source layers as non-negative indices for a decoder of `num_layers` layers.

@@ -43,7 +43,7 @@ class _Injection:
     layer: int
     rows: torch.Tensor  # [B'] rows to connect
     anchors: torch.Tensor  # [B'] anchor of each of those rows
-    vector_for: Callable[[torch.Tensor], torch.Tensor]  # h_in [B', d] -> vector to add [B', d]
+    vector_for: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (h_in, residual) [B', d] -> vectors [B', d]
     first_pass_only: bool = False
     first_layer_input: torch.Tensor | None = None
     applied: bool = False
@@ -114,7 +114,7 @@ class CrossLingualConnection:
         layer: int,
         rows: torch.Tensor,
         anchors: torch.Tensor,
-        vector_for: Callable[[torch.Tensor], torch.Tensor],
+        vector_for: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         first_pass_only: bool = False,
     ) -> Iterator[_Injection]:
         """Add a vector to the output of decoder layer `layer` at `(rows, anchors)` during the forward pass.
@@ -124,7 +124,8 @@ class CrossLingualConnection:
             rows: `[B']` batch rows to connect.
             anchors: `[B']` anchor position of each of those rows.
             vector_for: called once per forward pass with `h_in` at the anchors (`[B', d]`, the hidden state entering
-                the first decoder layer); returns the `[B', d]` vectors to add.
+                the first decoder layer) and the residual stream there (`[B', d]`, the output of layer `layer`);
+                returns the `[B', d]` vectors to add.
             first_pass_only: disarm after the first forward pass (generation: only the prompt's pass is connected).
 
         Yields:
@@ -159,7 +160,8 @@ class CrossLingualConnection:
         if injection.first_layer_input is None:
             raise RuntimeError("The first decoder layer did not run before the injection layer.")
         hidden = output[0] if isinstance(output, tuple) else output
-        vectors = injection.vector_for(injection.first_layer_input).to(hidden.dtype)
+        residual = hidden[injection.rows, injection.anchors]
+        vectors = injection.vector_for(injection.first_layer_input, residual).to(hidden.dtype)
         hidden = hidden.index_put((injection.rows, injection.anchors), vectors, accumulate=True)
         injection.applied = True
         if injection.first_pass_only:

@@ -42,7 +42,11 @@ class DecisionMaker(nn.Module):
         return first_layer_input.float() + source_activations.float().mean(dim=1)
 
     def forward(
-        self, z: torch.Tensor, gumbel_noise: torch.Tensor | None = None, temperature: float = 1.0
+        self,
+        z: torch.Tensor,
+        gumbel_noise: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        hard: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose a source layer for each row.
 
@@ -51,17 +55,21 @@ class DecisionMaker(nn.Module):
             gumbel_noise: `[B, S]` standard Gumbel noise for a training sample (see :func:`sample_gumbel_noise`);
                 `None` takes the arg-max of the logits.
             temperature: Gumbel-Softmax temperature.
+            hard: with noise, return the one-hot sample with straight-through gradients (the paper); `False`
+                returns the soft Gumbel-Softmax mixture itself.
 
         Returns:
-            `(choice, logits)`: `choice` `[B, S]` float32, one-hot in value (with straight-through gradients when
-            sampling); `logits` `[B, S]` float32.
+            `(choice, logits)`: `choice` `[B, S]` float32, one-hot in value (or a soft mixture when `hard=False`);
+            `logits` `[B, S]` float32.
         """
         logits = z.float() @ self.weight.T
         if gumbel_noise is None:
             return nn.functional.one_hot(logits.argmax(dim=-1), self.num_sources).float(), logits
         soft = torch.softmax((logits + gumbel_noise) / temperature, dim=-1)
-        hard = nn.functional.one_hot(soft.argmax(dim=-1), self.num_sources).to(soft.dtype)
-        return hard - soft.detach() + soft, logits
+        if not hard:
+            return soft, logits
+        one_hot = nn.functional.one_hot(soft.argmax(dim=-1), self.num_sources).to(soft.dtype)
+        return one_hot - soft.detach() + soft, logits
 
 
 def sample_gumbel_noise(batch_size: int, num_sources: int, device: torch.device) -> torch.Tensor:
@@ -76,26 +84,54 @@ class ConnectionChoice:
         decision_maker: the adapter's Decision Maker.
         source_activations: `[B', S, d]` English (or simulated English) activations of the candidate layers.
         temperature: the Gumbel-Softmax temperature.
-        sample: draw a hard Gumbel-Softmax sample (training); otherwise take the arg-max.
+        sample: draw a Gumbel-Softmax sample (training); otherwise take the arg-max.
+        hard: with `sample`, a one-hot sample with straight-through gradients (the paper); otherwise the soft mixture.
+        scale_to_residual: rescale every source activation to the norm of the residual stream it is added to.
     """
 
     def __init__(
-        self, decision_maker: DecisionMaker, source_activations: torch.Tensor, temperature: float, sample: bool
+        self,
+        decision_maker: DecisionMaker,
+        source_activations: torch.Tensor,
+        temperature: float = 1.0,
+        sample: bool = False,
+        hard: bool = True,
+        scale_to_residual: bool = False,
     ) -> None:
         self.decision_maker = decision_maker
         self.source_activations = source_activations
         self.temperature = temperature
+        self.hard = hard
+        self.scale_to_residual = scale_to_residual
         rows, num_sources = source_activations.shape[:2]
         self.noise = sample_gumbel_noise(rows, num_sources, source_activations.device) if sample else None
         self.choice: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
+        self.probabilities: torch.Tensor | None = None
 
-    def vectors_for(self, first_layer_input: torch.Tensor) -> torch.Tensor:
-        """`c = Σ_l s_l e_l`: `[B', d]` float32 vectors to inject, given `h_in` `[B', d]` at the anchors."""
+    def vectors_for(self, first_layer_input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`c = Σ_l s_l e_l`: the `[B', d]` float32 vectors to inject.
+
+        Args:
+            first_layer_input: `[B', d]` `h_in`, the hidden state entering the first decoder layer at the anchors.
+            residual: `[B', d]` the residual stream the vectors are added to (the injection layer's output).
+        """
         z = self.decision_maker.summarize(first_layer_input, self.source_activations)
-        choice, logits = self.decision_maker(z, self.noise, self.temperature)
+        choice, logits = self.decision_maker(z, self.noise, self.temperature, hard=self.hard)
         self.choice, self.logits = choice.detach(), logits.detach()
-        return (choice.unsqueeze(-1) * self.source_activations.float()).sum(dim=1)
+        self.probabilities = torch.softmax(logits, dim=-1)
+        sources = self.source_activations.float()
+        if self.scale_to_residual:
+            target = residual.float().norm(dim=-1, keepdim=True).unsqueeze(1)  # [B', 1, 1]
+            sources = sources / sources.norm(dim=-1, keepdim=True).clamp_min(1e-6) * target
+        return (choice.unsqueeze(-1) * sources).sum(dim=1)
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """`KL(p̄ || uniform)` of the mean choice probabilities over the rows: 0 when every layer is equally likely."""
+        if self.probabilities is None or not len(self.probabilities):
+            return None
+        mean = self.probabilities.mean(dim=0)
+        return (mean * (mean.clamp_min(1e-12) * mean.numel()).log()).sum()
 
     def per_row(self, rows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(layer_choice, layer_logits)`, each `[batch_size, S]` float32, zeros on rows not in `rows`."""

@@ -23,7 +23,6 @@ import torch
 from transformers import DynamicCache
 
 from .anchors import last_token_anchors, position_ids_from_attention_mask
-from .decision_maker import ConnectionChoice
 
 if TYPE_CHECKING:
     from .model import CCModel
@@ -159,12 +158,7 @@ def generate_with_connection(
         )
 
     expand = _expand_size(cc_model, kwargs)
-    choice = ConnectionChoice(
-        cc_model.cc_decision_maker[adapter_name],
-        activations.repeat_interleave(expand, dim=0),
-        config.gumbel_temperature,
-        sample=False,
-    )
+    choice = cc_model.connection_choice(activations.repeat_interleave(expand, dim=0), adapter_name)
     step_rows = torch.arange(input_ids.shape[0] * expand, device=input_ids.device)
     if cache is not None:
         if expand > 1:

@@ -82,6 +82,7 @@ class CCModel(LoraModel):
         self._decoder: DecoderMap | None = None
         self._connection: CrossLingualConnection | None = None
         self._connection_enabled = True
+        self.training_progress = 0.0
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------------------------------------ adapters
@@ -223,13 +224,14 @@ class CCModel(LoraModel):
                 config.english_gradients,
             )
 
-        choice = ConnectionChoice(
-            self.cc_decision_maker[adapter_name], activations, config.gumbel_temperature, sample=self.training
-        )
+        choice = self.connection_choice(activations, adapter_name)
         with self._connection.injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for):
             outputs = self.model(**kwargs)
         if not isinstance(outputs, ModelOutput):
             return outputs
+        balance_loss = choice.balance_loss() if self.training and config.choice_balance_weight > 0 else None
+        if balance_loss is not None and outputs.loss is not None:
+            outputs.loss = outputs.loss + config.choice_balance_weight * balance_loss
         if len(rows) == 0 and outputs.loss is not None and torch.is_grad_enabled():
             # No row was connected, so the Decision Maker took no part in the loss. Keep it in the graph with a zero
             # gradient: distributed data parallel expects every trainable parameter to receive one in every step.
@@ -239,6 +241,27 @@ class CCModel(LoraModel):
         layer_choice, layer_logits = choice.per_row(rows, input_ids.shape[0])
         return CCCausalLMOutputWithPast(
             **outputs, connected_rows=connected, layer_choice=layer_choice, layer_logits=layer_logits
+        )
+
+    def set_training_progress(self, progress: float) -> None:
+        """Tell the connection how far training is (0..1): the temperature schedule and soft phase depend on it."""
+        self.training_progress = min(max(float(progress), 0.0), 1.0)
+
+    def connection_choice(self, source_activations: torch.Tensor, adapter_name: str | None = None) -> ConnectionChoice:
+        """The Decision Maker's choice over `[B', S, d]` source activations, as configured for the current mode.
+
+        In training mode it samples (hard Gumbel-Softmax, or the soft mixture during `soft_choice_fraction`), at the
+        temperature of the current training progress; in eval mode it takes the arg-max.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        config: CCConfig = self.peft_config[adapter_name]
+        return ConnectionChoice(
+            self.cc_decision_maker[adapter_name],
+            source_activations,
+            temperature=config.temperature_at(self.training_progress),
+            sample=self.training,
+            hard=self.training_progress >= config.soft_choice_fraction,
+            scale_to_residual=config.injection_scaling == "residual_norm",
         )
 
     def generate(self, *args, **kwargs):
