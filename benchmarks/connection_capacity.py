@@ -1,0 +1,160 @@
+"""Does the Decision Maker find the layer that carries what the task needs? The connection-capacity task.
+
+The English prompt names one of twelve words, the French prompt only asks which word was named (see
+`peft_cc.capacity_task`). Each arm trains SmolLM2-135M-Instruct with LoRA (r=16, all linear layers) on the same
+seeded batches and reports the held-out loss; CC arms also record how the layer choice evolves (entropy of the
+choices in each window of steps, and the most chosen layer). Prints one JSON object and writes a plot.
+
+    python benchmarks/connection_capacity.py                          # every arm, 120 steps
+    python benchmarks/connection_capacity.py --arms lora_alone,forced_last,paper_default --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peft_cc import CCConfig
+from peft_cc.capacity_task import heldout_batch, training_batches, without_english
+from peft_cc.packaged_models import resolve_model_path
+
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+
+# name -> (CCConfig options or None for LoRA alone, Decision Maker learning rate or None for the common one)
+ARMS: dict[str, tuple[dict | None, float | None]] = {
+    "lora_alone": (None, None),
+    "forced_first": ({"source_layers": [0]}, None),
+    "forced_middle": ({"source_layers": [15]}, None),
+    "forced_last": ({"source_layers": [-1]}, None),
+    "paper_default": ({}, None),
+    "decision_maker_lr_5e-2": ({}, 5e-2),
+    "residual_norm": ({"injection_scaling": "residual_norm"}, None),
+    "residual_norm_dm_lr_1e-2": ({"injection_scaling": "residual_norm"}, 1e-2),
+    "soft_then_hard": (
+        {"soft_choice_fraction": 0.5, "gumbel_temperature": 2.0, "gumbel_temperature_final": 0.5},
+        None,
+    ),
+    "balanced": ({"choice_balance_weight": 0.1}, None),
+    "recommended": (
+        {"injection_scaling": "residual_norm", "soft_choice_fraction": 0.5, "gumbel_temperature_final": 0.5},
+        1e-2,
+    ),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--window", type=int, default=10, help="steps per layer-choice statistics window")
+    parser.add_argument("--output-dir", default="outputs/connection_capacity")
+    return parser.parse_args()
+
+
+def entropy(counts: Counter) -> float:
+    """Entropy in nats of the empirical distribution `counts`."""
+    total = sum(counts.values())
+    return -sum(n / total * math.log(n / total) for n in counts.values() if n) if total else 0.0
+
+
+def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
+    options, decision_maker_lr = ARMS[name]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if options is None:
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    else:
+        model = get_peft_model(base, CCConfig(**LORA, **options))
+    select = without_english if options is None else (lambda batch: batch)
+    decision_maker = [p for n, p in model.named_parameters() if p.requires_grad and "cc_decision_maker" in n]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "cc_decision_maker" not in n]
+    groups = [{"params": others}]
+    if decision_maker:
+        groups.append({"params": decision_maker, "lr": decision_maker_lr or args.learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+
+    sources = model.base_model.source_layers() if options is not None else []
+    windows, window = [], Counter()
+    start = time.perf_counter()
+    model.train()
+    for step, batch in zip(range(args.steps), training_batches(tokenizer, args.batch_size)):
+        if options is not None:
+            model.base_model.set_training_progress(step / args.steps)
+        output = model(**select(batch))
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if options is not None:
+            window.update(sources[i] for i in output.layer_choice[output.connected_rows].argmax(-1).tolist())
+        if (step + 1) % args.window == 0:
+            most_chosen = window.most_common(1)[0] if window else (None, 0)
+            windows.append(
+                {
+                    "step": step + 1,
+                    "train_loss": output.loss.item(),
+                    "choice_entropy": entropy(window),
+                    "most_chosen_layer": most_chosen[0],
+                    "most_chosen_share": most_chosen[1] / max(1, sum(window.values())),
+                }
+            )
+            print(f"{name} step {step + 1}: {windows[-1]}", flush=True)
+            window = Counter()
+    model.eval()
+    with torch.no_grad():
+        heldout = model(**select(heldout_batch(tokenizer))).loss.item()
+    return {"heldout_loss": heldout, "seconds": time.perf_counter() - start, "windows": windows}
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, result in results.items():
+        steps = [w["step"] for w in result["windows"]]
+        if result["windows"] and result["windows"][0]["most_chosen_layer"] is not None:
+            left.plot(steps, [w["choice_entropy"] for w in result["windows"]], marker="o", label=name)
+            right.plot(steps, [w["most_chosen_layer"] for w in result["windows"]], marker="o", label=name)
+    left.axhline(math.log(30), color="grey", linestyle=":", label="uniform over 30 layers")
+    left.set(xlabel="training step", ylabel="entropy of the layer choice (nats)", title="Layer-choice entropy")
+    right.set(xlabel="training step", ylabel="most chosen source layer", title="Most chosen layer per window")
+    left.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    names = [name.strip() for name in args.arms.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"Unknown arms {unknown}; choose from {list(ARMS)}.")
+    results = {name: run_arm(name, path, tokenizer, args) for name in names}
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, output_dir / "layer_choice.png")
+    summary = {name: round(result["heldout_loss"], 4) for name, result in results.items()}
+    print(json.dumps({"steps": args.steps, **summary}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Mechanics of the Decision Maker options beyond the paper (tiny models)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import cc_tuner, decision_maker_weight, make_cc_model, randomize_lora_b
+
+from peft_cc import CCConfig
+from peft_cc.decision_maker import ConnectionChoice, DecisionMaker
+
+
+def _batch(rows: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 96, (rows, 10), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :6] = -100
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "english_input_ids": torch.randint(1, 96, (rows, 7), generator=generator),
+    }
+
+
+def test_defaults_are_the_paper_method():
+    config = CCConfig()
+    assert config.injection_scaling == "none"
+    assert config.gumbel_temperature_final is None
+    assert config.soft_choice_fraction == 0.0
+    assert config.choice_balance_weight == 0.0
+    assert [config.temperature_at(p) for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("injection_scaling", "layer_norm"),
+        ("gumbel_temperature_final", 0),
+        ("gumbel_temperature_final", True),
+        ("soft_choice_fraction", 1.5),
+        ("soft_choice_fraction", -0.1),
+        ("choice_balance_weight", -1.0),
+    ],
+)
+def test_invalid_option_values_name_their_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        CCConfig(**{field: value})
+
+
+def test_temperature_anneals_geometrically():
+    config = CCConfig(gumbel_temperature=2.0, gumbel_temperature_final=0.5)
+    assert config.temperature_at(0.0) == pytest.approx(2.0)
+    assert config.temperature_at(0.5) == pytest.approx(1.0)
+    assert config.temperature_at(1.0) == pytest.approx(0.5)
+
+
+def test_training_progress_is_clamped_and_drives_the_choice():
+    model = make_cc_model("llama", soft_choice_fraction=0.5, gumbel_temperature=2.0, gumbel_temperature_final=0.5)
+    tuner = cc_tuner(model)
+    tuner.set_training_progress(-3)
+    assert tuner.training_progress == 0.0
+    tuner.set_training_progress(7)
+    assert tuner.training_progress == 1.0
+
+    activations = torch.randn(4, 3, 32)
+    tuner.set_training_progress(0.25)
+    early = tuner.connection_choice(activations)
+    assert (early.temperature, early.hard, early.noise is not None) == (pytest.approx(2.0**0.5), False, True)
+    tuner.set_training_progress(0.75)
+    assert tuner.connection_choice(activations).hard
+    model.eval()
+    assert tuner.connection_choice(activations).noise is None  # arg-max at inference, whatever the progress
+
+
+def test_soft_phase_injects_a_mixture_then_one_hot():
+    model = make_cc_model("llama", soft_choice_fraction=0.5)
+    tuner = cc_tuner(model)
+    tuner.set_training_progress(0.1)
+    soft = model(**_batch()).layer_choice
+    assert torch.allclose(soft.sum(-1), torch.ones(6))
+    assert ((soft > 0) & (soft < 1)).any()
+    tuner.set_training_progress(0.9)
+    hard = model(**_batch()).layer_choice
+    assert torch.equal(hard.sum(-1), torch.ones(6)) and set(hard.unique().tolist()) == {0.0, 1.0}
+
+
+def test_residual_norm_scaling_injects_a_vector_of_the_residual_norm():
+    """The injected vector keeps the source activation's direction and takes the residual stream's norm."""
+    sources = torch.randn(3, 1, 8) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)
+    residual = torch.randn(3, 8) * 5
+    choice = ConnectionChoice(DecisionMaker(num_sources=1, hidden_size=8), sources, scale_to_residual=True)
+    vectors = choice.vectors_for(torch.zeros(3, 8), residual)
+    torch.testing.assert_close(vectors.norm(dim=-1), residual.norm(dim=-1))
+    torch.testing.assert_close(
+        vectors / vectors.norm(dim=-1, keepdim=True), sources[:, 0] / sources[:, 0].norm(dim=-1, keepdim=True)
+    )
+    unscaled = ConnectionChoice(DecisionMaker(num_sources=1, hidden_size=8), sources).vectors_for(
+        torch.zeros(3, 8), residual
+    )
+    torch.testing.assert_close(unscaled, sources[:, 0])
+
+
+def test_residual_norm_scaling_changes_the_forward_but_not_the_prefix():
+    plain = make_cc_model("llama", train=False, source_layers=[2])
+    scaled = make_cc_model("llama", train=False, source_layers=[2], injection_scaling="residual_norm")
+    randomize_lora_b(plain)
+    randomize_lora_b(scaled)
+    batch = _batch()
+    with torch.no_grad():
+        a, b = plain(**batch).logits, scaled(**batch).logits
+    assert torch.equal(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5], b[:, 5])
+
+
+def test_balance_loss_is_added_and_reaches_the_decision_maker():
+    weight = 0.5
+    balanced = make_cc_model("llama", choice_balance_weight=weight)
+    plain = make_cc_model("llama")
+    torch.manual_seed(3)
+    with_term = balanced(**_batch())
+    torch.manual_seed(3)
+    without_term = plain(**_batch())
+    difference = (with_term.loss - without_term.loss).item()
+    probabilities = torch.softmax(with_term.layer_logits, dim=-1).mean(0)
+    expected = weight * (probabilities * (probabilities * 3).log()).sum().item()
+    assert difference == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert difference >= 0
+    with_term.loss.backward()
+    assert decision_maker_weight(balanced).grad.abs().sum() > 0
+
+
+def test_balance_loss_is_zero_for_uniform_probabilities():
+    choice = ConnectionChoice(DecisionMaker(3, 4), torch.randn(2, 3, 4))
+    choice.probabilities = torch.full((2, 3), 1 / 3)
+    assert choice.balance_loss().item() == pytest.approx(0.0, abs=1e-7)
+    choice.probabilities = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert choice.balance_loss().item() == pytest.approx(math.log(3), rel=1e-5)
