@@ -137,7 +137,7 @@ def generate_with_connection(
     sources = cc_model.source_layers(adapter_name)
     monolingual = connection == "monolingual"
     if monolingual:
-        cc_model.simulated_english_activations(torch.zeros(cc_model._decoder.hidden_size), adapter_name)
+        cc_model.require_fitted_transform_matrix(adapter_name)
 
     cache, activations = None, None
     if share_prompt_cache and _can_share_cache(cc_model, kwargs):

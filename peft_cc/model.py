@@ -352,6 +352,25 @@ class CCModel(LoraModel):
             return embedding.new_zeros(0, len(layers), self._decoder.hidden_size)
         return torch.stack([captured[layer] for layer in layers], dim=1)
 
+    def is_transform_matrix_fitted(self, adapter_name: str | None = None) -> bool:
+        """Whether the Transform Matrix of `adapter_name` (default: the active adapter) was fitted (it starts at 0)."""
+        return bool(torch.any(self.transform_matrix(adapter_name)))
+
+    def require_fitted_transform_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The `[d, d]` Transform Matrix, or an error that says how to fit it.
+
+        Raises:
+            ValueError: if the Transform Matrix of the adapter was never fitted.
+        """
+        if not self.is_transform_matrix_fitted(adapter_name):
+            raise ValueError(
+                "The Transform Matrix of this CC-Tuning adapter was never fitted, so the monolingual connection "
+                "cannot simulate the English activations. Fit it with `peft_cc.fit_transform_matrix(model, pairs, "
+                "tokenizer)` on (non-English, English) prompt pairs, pass `english_input_ids` for the bilingual "
+                "connection, or generate without the connection with `connection='off'`."
+            )
+        return self.transform_matrix(adapter_name)
+
     def simulated_english_activations(
         self, activations: torch.Tensor, adapter_name: str | None = None
     ) -> torch.Tensor:
@@ -366,15 +385,7 @@ class CCModel(LoraModel):
         Raises:
             ValueError: if the Transform Matrix of the adapter was never fitted.
         """
-        matrix = self.transform_matrix(adapter_name)
-        if not torch.any(matrix):
-            raise ValueError(
-                "The Transform Matrix of this CC-Tuning adapter was never fitted, so the monolingual connection "
-                "cannot simulate the English activations. Fit it with `peft_cc.fit_transform_matrix(model, pairs, "
-                "tokenizer)` on (non-English, English) prompt pairs, pass `english_input_ids` for the bilingual "
-                "connection, or generate without the connection with `connection='off'`."
-            )
-        return activations.float() @ matrix
+        return activations.float() @ self.require_fitted_transform_matrix(adapter_name)
 
     # ------------------------------------------------------------------------------------------------ loading
 

@@ -41,7 +41,7 @@ def resolve_connection(model: torch.nn.Module, connection: str | None) -> Connec
             )
         return None
     connection = connection or "monolingual"
-    if connection == "monolingual" and not torch.any(model.base_model.transform_matrix()):
+    if connection == "monolingual" and not model.base_model.is_transform_matrix_fitted():
         raise ValueError(
             "The monolingual connection needs the adapter's Transform Matrix, which was never fitted: fit it with "
             "`peft_cc.fit_transform_matrix` and save the adapter again, or evaluate with connection 'bilingual' "
