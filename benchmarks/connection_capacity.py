@@ -43,6 +43,8 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
         None,
     ),
     "balanced": ({"choice_balance_weight": 0.1}, None),
+    "uniform_start": ({"decision_maker_init": "zeros"}, None),
+    "uniform_start_soft": ({"decision_maker_init": "zeros", "soft_choice_fraction": 0.5}, None),
     "norm_soft_anneal_dm_lr_1e-2": (
         {"injection_scaling": "residual_norm", "soft_choice_fraction": 0.5, "gumbel_temperature_final": 0.5},
         1e-2,
@@ -63,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--window", type=int, default=10, help="steps per layer-choice statistics window")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the adapter's initialisation and the sampling")
     parser.add_argument("--output-dir", default="outputs/connection_capacity")
     return parser.parse_args()
 
@@ -75,7 +78,7 @@ def entropy(counts: Counter) -> float:
 
 def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
     options, decision_maker_lr = ARMS[name]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if options is None:
         model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
@@ -158,7 +161,7 @@ def main() -> None:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, output_dir / "layer_choice.png")
     summary = {name: round(result["heldout_loss"], 4) for name, result in results.items()}
-    print(json.dumps({"steps": args.steps, **summary}))
+    print(json.dumps({"steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed, **summary}))
 
 
 if __name__ == "__main__":

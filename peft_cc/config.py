@@ -18,7 +18,8 @@ class CCConfig(LoraConfig):
     `"all-linear"`, `lora_dropout`, `use_rslora`, ...). The fields below configure the connection; their defaults
     reproduce the method of the paper (CC-Tuning, ACL 2025): the English activation chosen by the Decision Maker
     among all layers is added to the residual stream at the anchor right after the first decoder layer, with a
-    hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass. `injection_scaling`,
+    hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass. `decision_maker_init`,
+    `injection_scaling`,
     `gumbel_temperature_final`, `soft_choice_fraction` and `choice_balance_weight` are options beyond the paper
     that change how the Decision Maker learns (see `docs/decision_maker.md`); their defaults leave the method as
     published.
@@ -33,6 +34,8 @@ class CCConfig(LoraConfig):
         english_gradients (`bool`, defaults to `True`):
             Whether gradients flow through the English pass (as in the paper). `False` runs it without autograd,
             which saves the memory and time of its backward.
+        decision_maker_init (`str`, defaults to `"normal"`):
+            `"zeros"` starts the Decision Maker at a uniform choice over the candidate layers.
         injection_scaling (`str`, defaults to `"none"`):
             `"residual_norm"` rescales each source activation to the norm of the residual stream at the anchor.
         gumbel_temperature_final (`float`, *optional*):
@@ -79,6 +82,15 @@ class CCConfig(LoraConfig):
             "help": (
                 "Whether gradients flow through the English pass (True, as in the paper). False runs the English "
                 "pass without autograd: less memory and time, and LoRA then learns only from the non-English pass."
+            )
+        },
+    )
+    decision_maker_init: str = field(
+        default="normal",
+        metadata={
+            "help": (
+                "Initialisation of the Decision Maker: 'normal' (std `initializer_range`, as in the paper) or "
+                "'zeros' (every candidate layer equally likely at the start, whatever the activations' norms)."
             )
         },
     )
@@ -176,6 +188,8 @@ class CCConfig(LoraConfig):
             raise ValueError(f"`gumbel_temperature` must be a number > 0, got {self.gumbel_temperature!r}.")
         if not isinstance(self.english_gradients, bool):
             raise ValueError(f"`english_gradients` must be True or False, got {self.english_gradients!r}.")
+        if self.decision_maker_init not in ("normal", "zeros"):
+            raise ValueError(f"`decision_maker_init` must be 'normal' or 'zeros', got {self.decision_maker_init!r}.")
         if self.injection_scaling not in ("none", "residual_norm"):
             raise ValueError(f"`injection_scaling` must be 'none' or 'residual_norm', got {self.injection_scaling!r}.")
         if self.gumbel_temperature_final is not None and (

@@ -113,6 +113,8 @@ class CCModel(LoraModel):
         decision_maker = (
             decision_maker.to_empty(device=device) if decision_maker.weight.is_meta else decision_maker.to(device)
         )
+        if config.decision_maker_init == "zeros":
+            nn.init.zeros_(decision_maker.weight)
         decision_maker.requires_grad_(not config.inference_mode)
         self.cc_decision_maker[adapter_name] = decision_maker
         self.cc_transform_matrix[adapter_name] = torch.zeros(

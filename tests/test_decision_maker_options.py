@@ -26,6 +26,7 @@ def _batch(rows: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_defaults_are_the_paper_method():
     config = CCConfig()
+    assert config.decision_maker_init == "normal"
     assert config.injection_scaling == "none"
     assert config.gumbel_temperature_final is None
     assert config.soft_choice_fraction == 0.0
@@ -37,6 +38,7 @@ def test_defaults_are_the_paper_method():
     ("field", "value"),
     [
         ("injection_scaling", "layer_norm"),
+        ("decision_maker_init", "ones"),
         ("gumbel_temperature_final", 0),
         ("gumbel_temperature_final", True),
         ("soft_choice_fraction", 1.5),
@@ -137,3 +139,14 @@ def test_balance_loss_is_zero_for_uniform_probabilities():
     assert choice.balance_loss().item() == pytest.approx(0.0, abs=1e-7)
     choice.probabilities = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     assert choice.balance_loss().item() == pytest.approx(math.log(3), rel=1e-5)
+
+
+def test_zero_initialised_decision_maker_starts_uniform():
+    model = make_cc_model("llama", decision_maker_init="zeros")
+    assert not decision_maker_weight(model).any()
+    output = model(**_batch())
+    assert torch.equal(output.layer_logits, torch.zeros(6, 3))
+    output.loss.backward()
+    assert decision_maker_weight(model).grad.abs().sum() > 0  # it learns from there
+    with pytest.raises(ValueError, match="decision_maker_init"):
+        CCConfig(decision_maker_init="uniform")
