@@ -45,6 +45,7 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
     "balanced": ({"choice_balance_weight": 0.1}, None),
     "uniform_start": ({"decision_maker_init": "zeros"}, None),
     "uniform_start_soft": ({"decision_maker_init": "zeros", "soft_choice_fraction": 0.5}, None),
+    "uniform_start_slow_dm": ({"decision_maker_init": "zeros"}, 1e-4),
     "norm_soft_anneal_dm_lr_1e-2": (
         {"injection_scaling": "residual_norm", "soft_choice_fraction": 0.5, "gumbel_temperature_final": 0.5},
         1e-2,
