@@ -2,15 +2,51 @@
 
 Importing this package registers the method with PEFT under ``PeftType.CC``, so that
 ``peft.get_peft_model(model, peft_cc.CCConfig(...))`` and ``PeftModel.from_pretrained(...)`` work.
+``peft_cc.CCSFTTrainer`` (configured by ``peft_cc.CCSFTConfig``) trains such an adapter with TRL; the trainer is
+imported on first use, so that loading an adapter for inference does not import TRL.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .config import CCConfig
 from .model import CCCausalLMOutputWithPast, CCModel
 from .registration import register
 from .transform_matrix import NormalEquations, fit_transform_matrix
 
+if TYPE_CHECKING:
+    from .sft_config import CCSFTConfig
+    from .sft_trainer import CCSFTTrainer, DataCollatorForCCLanguageModeling
+
 __version__ = "0.1.0"
 
-__all__ = ["CCCausalLMOutputWithPast", "CCConfig", "CCModel", "NormalEquations", "fit_transform_matrix", "register"]
+_LAZY = {
+    "CCSFTConfig": ".sft_config",
+    "CCSFTTrainer": ".sft_trainer",
+    "DataCollatorForCCLanguageModeling": ".sft_trainer",
+}
+
+__all__ = [
+    "CCCausalLMOutputWithPast",
+    "CCConfig",
+    "CCModel",
+    "CCSFTConfig",
+    "CCSFTTrainer",
+    "DataCollatorForCCLanguageModeling",
+    "NormalEquations",
+    "fit_transform_matrix",
+    "register",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 register()
