@@ -97,8 +97,12 @@ def encode_pair(
     return {"input_ids": input_ids, "labels": labels, "english_input_ids": english_ids}
 
 
-def _right_pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(row) for row in rows), default=0)
+def right_pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ids, attention_mask)`, each `[len(rows), width]` long: the rows right-padded with `value`.
+
+    The width is the longest row, and at least 1, so that a batch of empty rows still has one (padding) column.
+    """
+    width = max(1, max((len(row) for row in rows), default=0))
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
@@ -114,9 +118,9 @@ def collate_pairs(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -
         `input_ids`, `attention_mask`, `labels` (`[B, T]`, -100 on padding), `english_input_ids` and
         `english_attention_mask` (`[B, T_en]`).
     """
-    input_ids, attention_mask = _right_pad([example["input_ids"] for example in examples], pad_token_id)
-    labels, _ = _right_pad([example["labels"] for example in examples], -100)
-    english_ids, english_mask = _right_pad([example["english_input_ids"] for example in examples], pad_token_id)
+    input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], pad_token_id)
+    labels, _ = right_pad([example["labels"] for example in examples], -100)
+    english_ids, english_mask = right_pad([example["english_input_ids"] for example in examples], pad_token_id)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -12,6 +12,7 @@ from torch import nn
 
 import peft_cc
 from peft_cc.anchors import position_ids_from_attention_mask
+from peft_cc.tokenization import right_pad
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = "default"
@@ -51,16 +52,6 @@ def randomize_lora_b(model, seed=0, std=0.1):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def _right_pad(rows, pad_id=0):
-    width = max(1, max(len(row) for row in rows))  # an all-empty batch still has one (padding) column
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def make_batch(prompt_lens=(4, 6), response_lens=(3, 2), english_lens=(5, 3), seed=0):
     """A right-padded paired batch.
 
@@ -78,11 +69,11 @@ def make_batch(prompt_lens=(4, 6), response_lens=(3, 2), english_lens=(5, 3), se
         return torch.randint(1, VOCAB_SIZE, (n,), generator=generator).tolist()
 
     sequences = [tokens(p + r) for p, r in zip(prompt_lens, response_lens)]
-    input_ids, attention_mask = _right_pad(sequences)
+    input_ids, attention_mask = right_pad(sequences, 0)
     labels = torch.full_like(input_ids, -100)
     for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
         labels[i, p : p + r] = input_ids[i, p : p + r]
-    english_ids, english_mask = _right_pad([tokens(n) for n in english_lens])
+    english_ids, english_mask = right_pad([tokens(n) for n in english_lens], 0)
     return dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
