@@ -62,7 +62,7 @@ class DecisionMaker(nn.Module):
             `(choice, logits)`: `choice` `[B, S]` float32, one-hot in value (or a soft mixture when `hard=False`);
             `logits` `[B, S]` float32.
         """
-        logits = z.float() @ self.weight.T
+        logits = z.float() @ self.weight.float().T  # float32 even where a wrapper casts the weight (bf16)
         if gumbel_noise is None:
             return nn.functional.one_hot(logits.argmax(dim=-1), self.num_sources).float(), logits
         soft = torch.softmax((logits + gumbel_noise) / temperature, dim=-1)

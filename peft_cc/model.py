@@ -387,7 +387,7 @@ class CCModel(LoraModel):
         Raises:
             ValueError: if the Transform Matrix of the adapter was never fitted.
         """
-        return activations.float() @ self.require_fitted_transform_matrix(adapter_name)
+        return activations.float() @ self.require_fitted_transform_matrix(adapter_name).float()
 
     # ------------------------------------------------------------------------------------------------ loading
 

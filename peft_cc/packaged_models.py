@@ -94,6 +94,10 @@ def packaged_model_path(name: str, cache_dir: str | os.PathLike | None = None) -
     # A model loaded from GGUF refuses save_pretrained; an ordinary copy of it does not.
     model = type(gguf_model)(gguf_model.config)
     model.load_state_dict(gguf_model.state_dict())
+    # The weights are dequantized floats now: a GGUF `quantization_config` left in the config would make Trainer
+    # refuse to train the model as a quantized one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     partial = target.with_name(target.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
