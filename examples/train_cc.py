@@ -33,7 +33,7 @@ import torch
 from datasets import Dataset
 from load_parallel_dataset import DEFAULT_DATA_ROOT, from_benchmark_layout, from_columns, load_any
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from peft_cc import CCConfig, CCSFTConfig, CCSFTTrainer
@@ -88,19 +88,6 @@ def parse_args() -> argparse.Namespace:
     training.add_argument("--max-new-tokens", type=int, default=40)
     training.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "cc-smollm2"))
     return parser.parse_args()
-
-
-def load_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The model at `path` in `dtype`.
-
-    A checkpoint converted from a GGUF file (the packaged SmolLM2) keeps a GGUF `quantization_config` although its
-    weights are plain floats, and `Trainer` refuses to train a model it takes for GGUF-quantized: the entry is dropped.
-    """
-    config = AutoConfig.from_pretrained(path)
-    quantization = getattr(config, "quantization_config", None)
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf":
-        del config.quantization_config
-    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset]:
@@ -318,7 +305,7 @@ def main() -> None:
     )
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     trainer = CCSFTTrainer(
-        model=load_model(model_path, dtype),
+        model=AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype),
         args=config,
         train_dataset=train,
         eval_dataset=evaluation,
@@ -342,7 +329,7 @@ def main() -> None:
     ]
 
     # The saved adapter, reloaded onto a fresh base model, is what the rest of the script evaluates.
-    model = PeftModel.from_pretrained(load_model(model_path, dtype), output_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), output_dir)
     model = model.to(device).eval()
     with torch.no_grad():
         reload_difference = max(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -68,6 +69,15 @@ def _gguf_file(name: str, work_dir: Path) -> Path:
     return files[0]
 
 
+def _is_complete_conversion(folder: Path) -> bool:
+    """A cached conversion is usable if it has a config and a tokenizer, and its config no longer carries the GGUF
+    `quantization_config` (conversions made before that entry was dropped are redone)."""
+    config_file = folder / "config.json"
+    if not (config_file.is_file() and (folder / "tokenizer_config.json").is_file()):
+        return False
+    return "quantization_config" not in json.loads(config_file.read_text())
+
+
 def packaged_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local checkpoint folder of the packaged model `name`, converting its GGUF file on first use.
 
@@ -83,7 +93,7 @@ def packaged_model_path(name: str, cache_dir: str | os.PathLike | None = None) -
     if name not in PACKAGED_MODELS:
         raise ValueError(f"Unknown packaged model {name!r}; available: {sorted(PACKAGED_MODELS)}.")
     target = Path(cache_dir or default_cache_dir()) / name
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+    if _is_complete_conversion(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # An assembled GGUF file is only needed for the conversion: it lives in a folder removed afterwards.

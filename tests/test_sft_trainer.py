@@ -15,7 +15,6 @@ from helpers import cc_config
 from peft import LoraConfig, PeftModel
 from sft_helpers import PAIRS, conversational_rows, make_tiny_tokenizer, plain_rows
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -538,21 +537,12 @@ def test_qlora_on_a_4bit_model_keeps_the_decision_maker_in_float32(tmp_path, tok
 # ------------------------------------------------------------------------------------------------ real model
 
 
-def _float_smollm2(path):
-    """SmolLM2 from its converted checkpoint, whose config still carries the GGUF `quantization_config` (its weights
-    are plain floats; `Trainer` refuses to train a model it takes for GGUF-quantized)."""
-    config = AutoConfig.from_pretrained(path)
-    if isinstance(getattr(config, "quantization_config", None), dict):
-        del config.quantization_config
-    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
-
-
 @pytest.mark.slow
 def test_smollm2_end_to_end_with_its_chat_template(tmp_path, smollm2_dir, smollm2_tokenizer):
     """A few CC-Tuning steps of the real SmolLM2-135M-Instruct, then the monolingual connection from the saved
     adapter."""
     trainer = CCSFTTrainer(
-        model=_float_smollm2(smollm2_dir),
+        model=AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
         args=make_args(
             tmp_path,
             max_steps=3,
@@ -579,7 +569,9 @@ def test_smollm2_end_to_end_with_its_chat_template(tmp_path, smollm2_dir, smollm
     assert trainer.transform_matrix_stats["num_pairs"] > 0
     trainer.save_model()
 
-    reloaded = PeftModel.from_pretrained(_float_smollm2(smollm2_dir), trainer.args.output_dir).eval()
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32), trainer.args.output_dir
+    ).eval()
     assert torch.equal(reloaded.base_model.transform_matrix(), trainer.cc_model.transform_matrix())
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, padding_side="left")
     prompts = [
