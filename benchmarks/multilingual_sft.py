@@ -5,7 +5,8 @@ Systems, all trained on the same pairs, steps, LoRA settings and seeds:
 - `base`: the model zero-shot;
 - `lora-seed<s>`: vanilla multilingual LoRA SFT (TRL's `SFTTrainer`, no connection);
 - `cc-mono-seed<s>`: CC-Tuning (`CCSFTTrainer`), evaluated with the monolingual connection (Transform Matrix);
-- `cc-bi-seed<s>`: the same adapter with the bilingual connection (the real English prompt; an upper bound).
+- `cc-bi-seed<s>`: the same adapter with the bilingual connection (the real English prompt; an upper bound), for
+  the seeds of `--bilingual-seeds`.
 
 Training pairs come from the benchmark files, item indices `>= --split` in every language; evaluation uses item
 indices `< --split` (the first `--eval-items` of them), so no evaluated item, in any language, is trained on. Every
@@ -46,17 +47,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data" / "benchmarks"))
     parser.add_argument("--train-benchmarks", default=TRAIN_BENCHMARKS)
     parser.add_argument("--eval-benchmarks", default=EVAL_BENCHMARKS)
-    parser.add_argument("--eval-languages", default="en,de,ru,zh", help="languages to evaluate (where present)")
+    parser.add_argument("--eval-languages", default="en,de,zh", help="languages to evaluate (where present)")
     parser.add_argument("--split", type=int, default=100, help="items below this index are never trained on")
     parser.add_argument("--eval-items", type=int, default=16, help="held-out items per language to evaluate")
-    parser.add_argument("--train-pairs", type=int, default=2000, help="training pairs sampled from all languages")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument(
+        "--train-pairs", type=int, default=None, help="pairs sampled from all languages (default: steps × batch size)"
+    )
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--max-length", type=int, default=160, help="longer training pairs are left out")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--transform-pairs", type=int, default=300)
+    parser.add_argument(
+        "--bilingual-seeds", default="0", help="seeds whose CC adapter is also evaluated with the bilingual connection"
+    )
+    parser.add_argument("--transform-pairs", type=int, default=200)
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "multilingual_sft"))
     return parser.parse_args()
 
@@ -69,12 +75,22 @@ def _completion(item: ParallelItem) -> str:
     return item.answer[0] if isinstance(item.answer, list) else item.answer
 
 
-def training_pairs(args: argparse.Namespace) -> Dataset:
-    """Conversational prompt-completion rows with the English prompt, from item indices >= split, seeded sample."""
+def training_pairs(args: argparse.Namespace, tokenizer) -> Dataset:
+    """Conversational prompt-completion rows with the English prompt, from item indices >= split, seeded sample.
+
+    Pairs whose prompt and answer, or whose English prompt, exceed `--max-length` tokens are left out rather than
+    truncated (a truncated pair loses its answer and its anchor).
+    """
+
+    def fits(*texts: str) -> bool:
+        return len(tokenizer(" ".join(texts))["input_ids"]) + 16 <= args.max_length  # 16: the chat template
+
     rows = []
     for benchmark in _names(args.train_benchmarks):
         for language in available_languages(args.data_root, benchmark):
             for item in load_parallel_items(args.data_root, benchmark, language)[args.split :]:
+                if not (fits(item.prompt, _completion(item)) and fits(item.english_prompt)):
+                    continue
                 rows.append(
                     {
                         "prompt": [{"role": "user", "content": item.prompt}],
@@ -83,7 +99,7 @@ def training_pairs(args: argparse.Namespace) -> Dataset:
                     }
                 )
     random.Random(0).shuffle(rows)
-    return Dataset.from_list(rows[: args.train_pairs])
+    return Dataset.from_list(rows[: args.train_pairs or args.steps * args.batch_size])
 
 
 def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argparse.Namespace) -> Path:
@@ -102,6 +118,7 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # float32 on the CPU
     )
     lora = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.05)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -128,14 +145,52 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
     return output
 
 
+SUMMARY_SCORES = (
+    ("MKQA", "accuracy", "MKQA acc %"),
+    ("MKQA", "answer_nll", "MKQA gold NLL"),
+    ("XQuAD", "contains", "XQuAD contains %"),
+    ("XQuAD", "answer_nll", "XQuAD gold NLL"),
+    ("XNLI", "accuracy", "XNLI acc %"),
+    ("XNLI", "accuracy_loglik", "XNLI acc log-lik. %"),
+)
+
+
+def seed_summary(results: dict[str, dict]) -> str:
+    """A Markdown table per system (seeds pooled): the non-English average of each score, mean ± half range."""
+    systems: dict[str, list[dict]] = {}
+    for name, result in results.items():
+        systems.setdefault(name.split("-seed")[0], []).append(result)
+    header = ["system", "seeds"] + [label for _, _, label in SUMMARY_SCORES]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for system, runs in systems.items():
+        cells = [system, str(len(runs))]
+        for benchmark, metric, _ in SUMMARY_SCORES:
+            values = [
+                run["benchmarks"][benchmark]["average_non_english"][metric]
+                for run in runs
+                if benchmark in run["benchmarks"]
+                and metric in (run["benchmarks"][benchmark]["average_non_english"] or {})
+            ]
+            scale, digits = (1, 2) if metric == "answer_nll" else (100, 1)
+            if not values:
+                cells.append("–")
+            elif len(values) == 1:
+                cells.append(f"{scale * values[0]:.{digits}f}")
+            else:
+                middle, half = (max(values) + min(values)) / 2, (max(values) - min(values)) / 2
+                cells.append(f"{scale * middle:.{digits}f} ± {scale * half:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
     model_path = resolve_model_path(args.model)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    dataset = training_pairs(args)
-    print(f"{len(dataset)} training pairs (item indices >= {args.split})")
+    dataset = training_pairs(args, AutoTokenizer.from_pretrained(model_path))
+    print(f"{len(dataset)} training pairs (item indices >= {args.split}, at most {args.max_length} tokens)")
     evaluation = dict(
         data_root=args.data_root,
         benchmarks=_names(args.eval_benchmarks),
@@ -154,6 +209,7 @@ def main() -> None:
         timings[f"evaluate {name}"] = time.perf_counter() - began
         write_report(results, output_dir / "results.json")
 
+    bilingual_seeds = {int(seed) for seed in _names(args.bilingual_seeds)}
     run("base", None, None)
     for seed in (int(seed) for seed in _names(args.seeds)):
         for kind in ("lora", "cc"):
@@ -164,12 +220,16 @@ def main() -> None:
                 run(f"lora-seed{seed}", adapter, None)
             else:
                 run(f"cc-mono-seed{seed}", adapter, "monolingual")
-                run(f"cc-bi-seed{seed}", adapter, "bilingual")
+                if seed in bilingual_seeds:
+                    run(f"cc-bi-seed{seed}", adapter, "bilingual")
     timings["total"] = time.perf_counter() - start
     settings = {key: value for key, value in vars(args).items()}
     (output_dir / "experiment.json").write_text(json.dumps({"settings": settings, "seconds": timings}, indent=2))
     print(json.dumps({"seconds": {key: round(value, 1) for key, value in timings.items()}}, indent=2))
+    summary = seed_summary(results)
+    (output_dir / "summary.md").write_text(summary)
     print((output_dir / "results.md").read_text())
+    print(summary)
 
 
 if __name__ == "__main__":

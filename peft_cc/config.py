@@ -19,8 +19,8 @@ class CCConfig(LoraConfig):
     reproduce the method of the paper (CC-Tuning, ACL 2025): the English activation chosen by the Decision Maker
     among all layers is added to the residual stream at the anchor right after the first decoder layer, with a
     hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass. `decision_maker_init`,
-    `injection_scaling`,
-    `gumbel_temperature_final`, `soft_choice_fraction` and `choice_balance_weight` are options beyond the paper
+    `injection_scaling`, `gumbel_temperature_final`, `soft_choice_fraction`, `soft_choice`,
+    `decision_maker_start_fraction` and `choice_balance_weight` are options beyond the paper
     that change how the Decision Maker learns (see `docs/decision_maker.md`); their defaults leave the method as
     published.
 
@@ -42,6 +42,10 @@ class CCConfig(LoraConfig):
             Anneal the temperature geometrically to this value over training.
         soft_choice_fraction (`float`, defaults to `0.0`):
             Fraction of training that injects the soft mixture instead of a one-hot choice.
+        soft_choice (`str`, defaults to `"gumbel"`):
+            The soft mixture: a soft Gumbel-Softmax sample, or `"expected"`, the noise-free softmax of the logits.
+        decision_maker_start_fraction (`float`, defaults to `0.0`):
+            Fraction of training during which the Decision Maker's choice is applied but not learned.
         choice_balance_weight (`float`, defaults to `0.0`):
             Weight of the load-balancing term KL(mean choice probabilities || uniform) added to the loss.
         ffn_output_module (`str`, *optional*):
@@ -119,6 +123,26 @@ class CCConfig(LoraConfig):
             "help": (
                 "Fraction of training (0..1) during which the connection injects the soft Gumbel-Softmax mixture of "
                 "all candidate layers instead of a one-hot choice. 0 (the paper) is hard from the start."
+            )
+        },
+    )
+    soft_choice: str = field(
+        default="gumbel",
+        metadata={
+            "help": (
+                "The mixture injected during `soft_choice_fraction`: 'gumbel' (a soft Gumbel-Softmax sample, new "
+                "noise every step) or 'expected' (softmax(logits / temperature) without noise: every candidate "
+                "layer in proportion to its probability, the same mixture for the same prompt)."
+            )
+        },
+    )
+    decision_maker_start_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Fraction of training (0..1) before the Decision Maker starts learning: until then its choice is "
+                "applied but receives no gradient, so that LoRA can first learn to read the injected activations. "
+                "0 (the paper) trains it from the first step."
             )
         },
     )
@@ -202,6 +226,12 @@ class CCConfig(LoraConfig):
             )
         if isinstance(self.soft_choice_fraction, bool) or not 0 <= self.soft_choice_fraction <= 1:
             raise ValueError(f"`soft_choice_fraction` must lie in [0, 1], got {self.soft_choice_fraction!r}.")
+        if self.soft_choice not in ("gumbel", "expected"):
+            raise ValueError(f"`soft_choice` must be 'gumbel' or 'expected', got {self.soft_choice!r}.")
+        if isinstance(self.decision_maker_start_fraction, bool) or not 0 <= self.decision_maker_start_fraction <= 1:
+            raise ValueError(
+                f"`decision_maker_start_fraction` must lie in [0, 1], got {self.decision_maker_start_fraction!r}."
+            )
         if isinstance(self.choice_balance_weight, bool) or not self.choice_balance_weight >= 0:
             raise ValueError(f"`choice_balance_weight` must be >= 0, got {self.choice_balance_weight!r}.")
         if self.ffn_output_module is not None and not (

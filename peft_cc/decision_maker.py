@@ -52,20 +52,24 @@ class DecisionMaker(nn.Module):
 
         Args:
             z: `[B, d]` input of the Decision Maker.
-            gumbel_noise: `[B, S]` standard Gumbel noise for a training sample (see :func:`sample_gumbel_noise`);
-                `None` takes the arg-max of the logits.
+            gumbel_noise: `[B, S]` standard Gumbel noise for a training sample (see :func:`sample_gumbel_noise`),
+                or `None` for no noise.
             temperature: Gumbel-Softmax temperature.
-            hard: with noise, return the one-hot sample with straight-through gradients (the paper); `False`
-                returns the soft Gumbel-Softmax mixture itself.
+            hard: a one-hot choice: the Gumbel-Softmax sample with straight-through gradients (the paper), or without
+                noise the arg-max of the logits. `False` returns the soft mixture itself: the soft Gumbel-Softmax
+                sample, or without noise `softmax(logits / temperature)`.
 
         Returns:
             `(choice, logits)`: `choice` `[B, S]` float32, one-hot in value (or a soft mixture when `hard=False`);
             `logits` `[B, S]` float32.
         """
-        logits = z.float() @ self.weight.float().T  # float32 even where a wrapper casts the weight (bf16)
-        if gumbel_noise is None:
+        # float32 even where a wrapper casts the weight to bf16 or mixed precision autocasts matrix products
+        with torch.autocast(z.device.type, enabled=False):
+            logits = z.float() @ self.weight.float().T
+        if gumbel_noise is None and hard:
             return nn.functional.one_hot(logits.argmax(dim=-1), self.num_sources).float(), logits
-        soft = torch.softmax((logits + gumbel_noise) / temperature, dim=-1)
+        noisy = logits if gumbel_noise is None else logits + gumbel_noise
+        soft = torch.softmax(noisy / temperature, dim=-1)
         if not hard:
             return soft, logits
         one_hot = nn.functional.one_hot(soft.argmax(dim=-1), self.num_sources).to(soft.dtype)
@@ -84,9 +88,11 @@ class ConnectionChoice:
         decision_maker: the adapter's Decision Maker.
         source_activations: `[B', S, d]` English (or simulated English) activations of the candidate layers.
         temperature: the Gumbel-Softmax temperature.
-        sample: draw a Gumbel-Softmax sample (training); otherwise take the arg-max.
-        hard: with `sample`, a one-hot sample with straight-through gradients (the paper); otherwise the soft mixture.
+        sample: draw Gumbel noise (training); otherwise no noise.
+        hard: a one-hot choice (with `sample`, straight-through gradients as in the paper; otherwise the arg-max), or
+            the soft mixture (see :meth:`DecisionMaker.forward`).
         scale_to_residual: rescale every source activation to the norm of the residual stream it is added to.
+        learn: whether the Decision Maker learns from this choice; `False` applies the choice with zero gradients.
     """
 
     def __init__(
@@ -97,8 +103,10 @@ class ConnectionChoice:
         sample: bool = False,
         hard: bool = True,
         scale_to_residual: bool = False,
+        learn: bool = True,
     ) -> None:
         self.decision_maker = decision_maker
+        self.learn = learn
         self.source_activations = source_activations
         self.temperature = temperature
         self.hard = hard
@@ -118,6 +126,9 @@ class ConnectionChoice:
         """
         z = self.decision_maker.summarize(first_layer_input, self.source_activations)
         choice, logits = self.decision_maker(z, self.noise, self.temperature, hard=self.hard)
+        if not self.learn:
+            # Zero gradients rather than none: distributed data parallel expects one for every trainable parameter.
+            choice = choice.detach() + 0.0 * choice
         self.choice, self.logits = choice.detach(), logits.detach()
         self.probabilities = torch.softmax(logits, dim=-1)
         sources = self.source_activations.float()

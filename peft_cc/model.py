@@ -252,18 +252,21 @@ class CCModel(LoraModel):
     def connection_choice(self, source_activations: torch.Tensor, adapter_name: str | None = None) -> ConnectionChoice:
         """The Decision Maker's choice over `[B', S, d]` source activations, as configured for the current mode.
 
-        In training mode it samples (hard Gumbel-Softmax, or the soft mixture during `soft_choice_fraction`), at the
-        temperature of the current training progress; in eval mode it takes the arg-max.
+        In training mode it samples (hard Gumbel-Softmax, or during `soft_choice_fraction` the soft mixture of
+        `soft_choice`), at the temperature of the current training progress, and the Decision Maker learns from
+        `decision_maker_start_fraction` on; in eval mode it takes the arg-max.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config: CCConfig = self.peft_config[adapter_name]
+        hard = not self.training or self.training_progress >= config.soft_choice_fraction
         return ConnectionChoice(
             self.cc_decision_maker[adapter_name],
             source_activations,
             temperature=config.temperature_at(self.training_progress),
-            sample=self.training,
-            hard=self.training_progress >= config.soft_choice_fraction,
+            sample=self.training and (hard or config.soft_choice == "gumbel"),
+            hard=hard,
             scale_to_residual=config.injection_scaling == "residual_norm",
+            learn=self.training_progress >= config.decision_maker_start_fraction,
         )
 
     def generate(self, *args, **kwargs):
@@ -387,7 +390,9 @@ class CCModel(LoraModel):
         Raises:
             ValueError: if the Transform Matrix of the adapter was never fitted.
         """
-        return activations.float() @ self.require_fitted_transform_matrix(adapter_name).float()
+        matrix = self.require_fitted_transform_matrix(adapter_name)
+        with torch.autocast(activations.device.type, enabled=False):  # float32 under mixed precision too
+            return activations.float() @ matrix.float()
 
     # ------------------------------------------------------------------------------------------------ loading
 

@@ -46,6 +46,10 @@ class CCSFTConfig(SFTConfig):
             processes and fewer accumulation steps, draws the same noise. `False` draws from torch's global generator
             as it stands.
 
+        decision_maker_learning_rate (`float`, *optional*):
+            Learning rate of the Decision Maker's weights, in their own optimizer parameter group (no weight decay;
+            the same schedule as the other weights). `None` trains them with `learning_rate`, as the paper does.
+
         > Parameters that control the logging
 
         log_layer_frequencies (`bool`, *optional*, defaults to `True`):
@@ -84,6 +88,13 @@ class CCSFTConfig(SFTConfig):
             "the same noise. False draws from torch's global generator as it stands."
         },
     )
+    decision_maker_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the Decision Maker's weights (their own parameter group, no weight decay, the "
+            "same schedule). None uses `learning_rate`, as the paper does."
+        },
+    )
     log_layer_frequencies: bool = field(
         default=True,
         metadata={
@@ -108,6 +119,15 @@ class CCSFTConfig(SFTConfig):
             or self.transform_batch_size < 1
         ):
             raise ValueError(f"`transform_batch_size` must be None or an int >= 1, got {self.transform_batch_size!r}.")
+        if self.decision_maker_learning_rate is not None and (
+            isinstance(self.decision_maker_learning_rate, bool)
+            or not isinstance(self.decision_maker_learning_rate, numbers.Real)
+            or not self.decision_maker_learning_rate > 0
+        ):
+            raise ValueError(
+                "`decision_maker_learning_rate` must be None or a number > 0, "
+                f"got {self.decision_maker_learning_rate!r}."
+            )
         unsupported_batching(self)
 
 

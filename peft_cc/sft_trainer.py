@@ -582,6 +582,21 @@ class CCSFTTrainer(SFTTrainer):
                 logs[f"{LOG_PREFIX}soft_choice"] = float(progress < config.soft_choice_fraction)
         super().log(logs, start_time)
 
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The optimizer of [`~transformers.Trainer`], with the Decision Maker in a group of its own when
+        `decision_maker_learning_rate` is set (no weight decay; the scheduler scales it like the other groups)."""
+        given = self.optimizer is not None  # passed by the user, or made before: left as it is
+        optimizer = super().create_optimizer(model)
+        learning_rate = self.args.decision_maker_learning_rate
+        if given or learning_rate is None:
+            return optimizer
+        decision_maker = {id(p) for n, p in (model or self.model).named_parameters() if "cc_decision_maker" in n}
+        moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in decision_maker]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in decision_maker]
+        optimizer.add_param_group({"params": moved, "lr": learning_rate, "weight_decay": 0.0})
+        return optimizer
+
     # ------------------------------------------------------------------------------------------------ the end
 
     def train(self, *args: Any, **kwargs: Any):

@@ -31,6 +31,8 @@ def test_defaults_are_the_paper_method():
     assert config.gumbel_temperature_final is None
     assert config.soft_choice_fraction == 0.0
     assert config.choice_balance_weight == 0.0
+    assert config.soft_choice == "gumbel"
+    assert config.decision_maker_start_fraction == 0.0
     assert [config.temperature_at(p) for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]
 
 
@@ -44,6 +46,9 @@ def test_defaults_are_the_paper_method():
         ("soft_choice_fraction", 1.5),
         ("soft_choice_fraction", -0.1),
         ("choice_balance_weight", -1.0),
+        ("soft_choice", "mean"),
+        ("decision_maker_start_fraction", 1.01),
+        ("decision_maker_start_fraction", True),
     ],
 )
 def test_invalid_option_values_name_their_field(field, value):
@@ -150,3 +155,37 @@ def test_zero_initialised_decision_maker_starts_uniform():
     assert decision_maker_weight(model).grad.abs().sum() > 0  # it learns from there
     with pytest.raises(ValueError, match="decision_maker_init"):
         CCConfig(decision_maker_init="uniform")
+
+
+def test_expected_soft_choice_is_the_noise_free_softmax_and_arg_max_at_inference():
+    model = make_cc_model("llama", soft_choice_fraction=0.5, soft_choice="expected", gumbel_temperature=2.0)
+    tuner = cc_tuner(model)
+    tuner.set_training_progress(0.1)
+    first, second = model(**_batch()), model(**_batch())
+    assert torch.equal(first.layer_choice, second.layer_choice)  # no noise: the same mixture for the same batch
+    torch.testing.assert_close(first.layer_choice, torch.softmax(first.layer_logits / 2.0, dim=-1))
+    assert tuner.connection_choice(torch.randn(2, 3, 32)).noise is None
+    first.loss.backward()
+    assert decision_maker_weight(model).grad.abs().sum() > 0
+    tuner.set_training_progress(0.6)
+    assert tuner.connection_choice(torch.randn(2, 3, 32)).noise is not None  # the hard phase samples
+    model.eval()
+    tuner.set_training_progress(0.1)
+    choice = model(**_batch()).layer_choice
+    assert set(choice.unique().tolist()) == {0.0, 1.0}  # arg-max at inference, even in the soft phase
+
+
+def test_decision_maker_starts_learning_at_its_start_fraction():
+    model = make_cc_model("llama", decision_maker_start_fraction=0.5)
+    tuner = cc_tuner(model)
+    weight = decision_maker_weight(model)
+    randomize_lora_b(model)
+    tuner.set_training_progress(0.25)
+    early = model(**_batch())
+    early.loss.backward()
+    assert weight.grad is not None and not weight.grad.any()  # a zero gradient, as data parallel expects
+    assert any(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if "lora_" in n)
+    weight.grad = None
+    tuner.set_training_progress(0.5)
+    model(**_batch()).loss.backward()
+    assert weight.grad.abs().sum() > 0

@@ -19,6 +19,8 @@ from peft_cc.evaluation import EvaluationConfig, evaluate, load_results, load_sy
 from peft_cc.evaluation.__main__ import main
 from peft_cc.evaluation.option_scoring import option_log_likelihoods
 from peft_cc.evaluation.prompts import encode_prompt, left_pad, uses_chat_template
+from peft_cc.evaluation.report import markdown_report
+from peft_cc.parallel_data import load_parallel_items
 
 REAL_DATA_ROOT = os.environ.get("PEFT_CC_BENCHMARKS", str(REPO_ROOT.parent / "shared" / "data" / "benchmarks"))
 
@@ -213,12 +215,38 @@ def test_evaluate_every_benchmark_on_a_layout_copy(tiny_model, tokenizer, data_r
     assert {"accuracy", "accuracy_loglik", "unparsed", "majority_rate"} <= set(xnli["scores"])
     assert all(len(item["option_log_likelihoods"]) == 3 for item in xnli["items"])
     assert results["benchmarks"]["MMMLU"]["languages"]["ko"]["scores"]["majority_rate"] == 0.5  # "B", "C"
-    assert set(results["benchmarks"]["XQuAD"]["average_all"]) == {"exact_match", "f1", "contains"}
+    assert set(results["benchmarks"]["XQuAD"]["average_all"]) == {"exact_match", "f1", "contains", "answer_nll"}
+    assert "answer_nll" not in xnli["scores"]
 
     paths = write_report({"tiny": results}, tmp_path / "base" / "results.json")
     assert {path.name for path in paths.values()} == {"results.json", "results.md", "results.png"}
     assert paths["plot"].stat().st_size > 1000
     assert load_results([paths["json"]])["tiny"]["benchmarks"]["XNLI"]["languages"]["zh"]["indices"] == [1, 2]
+
+
+def test_answer_nll_is_the_gold_answers_mean_token_loss_after_the_prompt(tiny_model, tokenizer, data_root, tmp_path):
+    def japanese_mkqa(**options):
+        options = dict(data_root=str(data_root), benchmarks=["MKQA"], languages=["ja"], show_progress=False, **options)
+        return evaluate(tiny_model, tokenizer, **options)
+
+    results = japanese_mkqa(limit=2)
+    language = results["benchmarks"]["MKQA"]["languages"]["ja"]
+    assert language["seconds"]["answer_scoring"] >= 0
+    for record, item in zip(language["items"], load_parallel_items(str(data_root), "MKQA", "ja")):
+        prompt = encode_prompt(tokenizer, item.prompt, chat_template=True)
+        answer = tokenizer(item.answer[0] if isinstance(item.answer, list) else item.answer, add_special_tokens=False)
+        ids = torch.tensor([prompt + answer["input_ids"]])
+        with torch.no_grad():
+            logits = tiny_model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor(answer["input_ids"])).item()
+        assert record["scores"]["answer_nll"] == pytest.approx(expected, abs=1e-3)
+        assert expected > 0
+
+    table = markdown_report({"tiny": results})
+    assert f"{language['scores']['answer_nll']:.2f}" in table  # in nats, not in %
+
+    skipped = japanese_mkqa(limit=1, answer_log_likelihood=False)
+    assert "answer_nll" not in skipped["benchmarks"]["MKQA"]["languages"]["ja"]["scores"]
 
 
 def test_languages_and_offsets_that_a_benchmark_lacks_are_skipped(tiny_model, tokenizer, data_root):
@@ -297,7 +325,9 @@ def test_compare_writes_systems_side_by_side(tiny_model, tokenizer, data_root, t
         "| language | items | majority | base acc | base acc (log-lik.) | other acc | other acc (log-lik.) |"
         in markdown
     )
-    assert "| language | items | base acc | base F1 | other acc | other F1 |" in markdown
+    assert (
+        "| language | items | base acc | base F1 | base gold NLL | other acc | other F1 | other gold NLL |" in markdown
+    )
     assert (tmp_path / "cmp.png").is_file()
     assert list(load_results([tmp_path / "cmp.json"])) == ["base", "other"]
     assert "## MKQA" in capsys.readouterr().out

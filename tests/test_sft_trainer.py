@@ -30,7 +30,13 @@ from peft_cc.anchors import anchors_from_labels
 # Tiny models fitted on a few pairs are underdetermined on purpose (the fit's own tests check that warning).
 pytestmark = pytest.mark.filterwarnings("ignore:Fitting the .* Transform Matrix on only:UserWarning")
 
-CC_FIELDS = ("english_prompt_field", "transform_pairs", "transform_batch_size", "deterministic_gumbel_noise")
+CC_FIELDS = (
+    "english_prompt_field",
+    "transform_pairs",
+    "transform_batch_size",
+    "deterministic_gumbel_noise",
+    "decision_maker_learning_rate",
+)
 BATCH_KEYS = {"input_ids", "attention_mask", "labels", "english_input_ids", "english_attention_mask"}
 
 
@@ -111,6 +117,7 @@ def test_config_has_the_cc_fields_with_help_and_paper_defaults(tmp_path):
         ({"transform_pairs": -1}, "transform_pairs"),
         ({"transform_batch_size": 0}, "transform_batch_size"),
         ({"english_prompt_field": ""}, "english_prompt_field"),
+        ({"decision_maker_learning_rate": 0.0}, "decision_maker_learning_rate"),
         ({"packing": True}, "packing"),
         ({"padding_free": True}, "padding_free"),
     ],
@@ -532,6 +539,37 @@ def test_qlora_on_a_4bit_model_keeps_the_decision_maker_in_float32(tmp_path, tok
     assert trainer.cc_model.decision_maker().weight.dtype == torch.float32
     assert all(math.isfinite(entry["loss"]) for entry in train_logs(trainer))
     assert torch.any(trainer.cc_model.transform_matrix() != 0)
+
+
+def test_decision_maker_learning_rate_is_its_own_scheduled_parameter_group(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tokenizer, max_steps=2, decision_maker_learning_rate=0.05, weight_decay=0.1, transform_pairs=0
+    )
+    trainer.train()
+    decision_maker = trainer.cc_model.decision_maker().weight
+    groups = [group for group in trainer.optimizer.param_groups if any(p is decision_maker for p in group["params"])]
+    assert len(groups) == 1 and len(groups[0]["params"]) == 1
+    assert groups[0]["initial_lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
+    others = [group for group in trainer.optimizer.param_groups if group is not groups[0] and group["params"]]
+    assert others and all(group["initial_lr"] == trainer.args.learning_rate for group in others)
+    lora = sum(len(group["params"]) for group in others)
+    assert lora == sum(1 for name, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in name)
+
+
+def test_bf16_mixed_precision_trains_fits_and_infers(tmp_path, tokenizer):
+    """`bf16=True` (autocast, TRL's default) trains, fits and infers; choice logits and matrix stay float32."""
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=2, bf16=True)
+    assert trainer.args.bf16
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in train_logs(trainer))
+    assert torch.any(trainer.cc_model.transform_matrix() != 0)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    batch = tokenizer(["ab cd ef"], return_tensors="pt")
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(**batch, anchor_positions=torch.tensor([batch["input_ids"].shape[1] - 1]))
+    assert output.layer_logits.dtype == torch.float32
+    assert output.connected_rows.all()
 
 
 # ------------------------------------------------------------------------------------------------ real model

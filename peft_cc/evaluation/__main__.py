@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--no-option-log-likelihood", action="store_true", help="Skip the log-likelihood scoring of options."
     )
+    what.add_argument(
+        "--no-answer-log-likelihood",
+        action="store_true",
+        help="Skip the log-likelihood scoring of gold answers (answer_nll) of generative benchmarks.",
+    )
     what.add_argument("--quiet", action="store_true", help="No progress bars or per-language log lines.")
     parser.add_argument(
         "--compare",
@@ -120,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             connection=arguments.connection,
             chat_template=not arguments.no_chat_template,
             option_log_likelihood=not arguments.no_option_log_likelihood,
+            answer_log_likelihood=not arguments.no_answer_log_likelihood,
             show_progress=not arguments.quiet,
         )
         model, tokenizer, settings = load_system(arguments.model, arguments.adapter, arguments.dtype, arguments.device)

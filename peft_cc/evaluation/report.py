@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .benchmarks import METRIC_LABELS
+from .benchmarks import METRIC_LABELS, UNBOUNDED_METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,11 @@ def load_results(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
     return systems
 
 
-def _percent(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+def _percent(value: float | None, metric: str = "") -> str:
+    """A score for the tables: fractions in %, unbounded scores (`answer_nll`) as they are."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2f}" if metric in UNBOUNDED_METRICS else f"{100 * value:.1f}"
 
 
 def _benchmark_order(results_by_system: Mapping[str, dict]) -> list[str]:
@@ -161,7 +164,8 @@ def markdown_report(results_by_system: Mapping[str, dict]) -> str:
         "",
         "Scores in %. Multiple-choice benchmarks show the majority-class rate (the accuracy of always giving the most "
         "common gold label) beside every score: `acc` is the first option label in the generated text, "
-        "`acc (log-lik.)` the option with the highest log-likelihood. Decoding is greedy.",
+        "`acc (log-lik.)` the option with the highest log-likelihood. `gold NLL` is the negative log-likelihood of "
+        "the gold answer, in nats per token (not in %; lower is better). Decoding is greedy.",
         "",
         "## Summary",
         "",
@@ -178,7 +182,9 @@ def markdown_report(results_by_system: Mapping[str, dict]) -> str:
         else:
             cells.append("")
         for results in results_by_system.values():
-            cells.append(" / ".join(_percent(_score(results, benchmark, group, metric)) for group, _ in AVERAGES))
+            cells.append(
+                " / ".join(_percent(_score(results, benchmark, group, metric), metric) for group, _ in AVERAGES)
+            )
         rows.append(cells)
     lines += _table(["benchmark", "metric", "majority"] + systems, rows)
 
@@ -200,7 +206,7 @@ def markdown_report(results_by_system: Mapping[str, dict]) -> str:
             if multiple_choice:
                 row.append(_percent(_majority(results_by_system, benchmark, group)))
             row += [
-                _percent(_score(results, benchmark, group, metric))
+                _percent(_score(results, benchmark, group, metric), metric)
                 for results in results_by_system.values()
                 for metric in metrics
             ]

@@ -72,6 +72,10 @@ class EvaluationConfig:
     option_log_likelihood: bool = field(
         default=True, metadata={"help": "Also score multiple-choice options by log-likelihood (accuracy_loglik)."}
     )
+    answer_log_likelihood: bool = field(
+        default=True,
+        metadata={"help": "Also score the gold answer of generative benchmarks by its log-likelihood (answer_nll)."},
+    )
     show_progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
@@ -164,6 +168,26 @@ class _Evaluator:
                 progress.update(len(batch_positions))
         return choices, log_likelihoods
 
+    def answer_nlls(
+        self, prompts: list[list[int]], english: list[list[int]], answers: list[str], description: str
+    ) -> list[float]:
+        """Negative log-likelihood of every gold answer after its prompt, in nats per answer token."""
+        values: list[float] = []
+        with self._progress(len(prompts), description) as progress:
+            for prompt, english_prompt, answer in zip(prompts, english, answers):
+                tokens = self.tokenizer(answer, add_special_tokens=False)["input_ids"] or [self.pad_id]
+                log_likelihood = option_log_likelihoods(
+                    self.model,
+                    [prompt],
+                    [tokens],
+                    self.pad_id,
+                    connection=self.connection,
+                    english_prompts=[english_prompt],
+                )
+                values.append(-float(log_likelihood[0, 0]) / len(tokens))
+                progress.update(1)
+        return values
+
     def language(self, benchmark: Benchmark, language: str, items: list[ParallelItem]) -> dict:
         """Scores, per-item records and timings of one benchmark in one language."""
         for item in items:
@@ -201,6 +225,13 @@ class _Evaluator:
                     record["loglik_choice"] = choice
                     record["option_log_likelihoods"] = scores
                 result["label_counts"]["log_likelihood"] = _counts(choices)
+        if not benchmark.is_multiple_choice and self.config.answer_log_likelihood:
+            started = time.perf_counter()
+            gold = [item.answer[0] if isinstance(item.answer, list) else item.answer for item in items]
+            nlls = self.answer_nlls(prompts, english, gold, f"{benchmark.name} {language}: gold answer")
+            seconds["answer_scoring"] = time.perf_counter() - started
+            for record, nll in zip(records, nlls):
+                record["scores"]["answer_nll"] = round(nll, 4)
         result["scores"] = {key: mean([record["scores"][key] for record in records]) for key in records[0]["scores"]}
         if benchmark.is_multiple_choice:
             result["scores"]["majority_rate"] = majority_rate([item.answer for item in items])
