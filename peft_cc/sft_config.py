@@ -48,7 +48,8 @@ class CCSFTConfig(SFTConfig):
 
         decision_maker_learning_rate (`float`, *optional*):
             Learning rate of the Decision Maker's weights, in their own optimizer parameter group (no weight decay;
-            the same schedule as the other weights). `None` trains them with `learning_rate`, as the paper does.
+            the same schedule as the other weights). `None` trains them with `learning_rate`, as the paper does. An
+            optimizer passed to the trainer (`optimizers=`) is used as it is.
 
         > Parameters that control the logging
 
@@ -92,7 +93,8 @@ class CCSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Learning rate of the Decision Maker's weights (their own parameter group, no weight decay, the "
-            "same schedule). None uses `learning_rate`, as the paper does."
+            "same schedule). None uses `learning_rate`, as the paper does. An optimizer passed to the trainer is "
+            "used as it is."
         },
     )
     log_layer_frequencies: bool = field(
