@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer
 from peft_cc import CCConfig, CCSFTConfig, CCSFTTrainer
 from peft_cc.evaluation import evaluate, load_system, write_report
 from peft_cc.packaged_models import resolve_model_path
-from peft_cc.parallel_data import ParallelItem, available_languages, load_parallel_items
+from peft_cc.parallel_data import available_languages, load_parallel_items
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_BENCHMARKS = "MKQA,XQuAD,XNLI,XStoryCloze,MMMLU"
@@ -71,10 +71,6 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _completion(item: ParallelItem) -> str:
-    return item.answer[0] if isinstance(item.answer, list) else item.answer
-
-
 def training_pairs(args: argparse.Namespace, tokenizer) -> Dataset:
     """Conversational prompt-completion rows with the English prompt, from item indices >= split, seeded sample.
 
@@ -89,12 +85,12 @@ def training_pairs(args: argparse.Namespace, tokenizer) -> Dataset:
     for benchmark in _names(args.train_benchmarks):
         for language in available_languages(args.data_root, benchmark):
             for item in load_parallel_items(args.data_root, benchmark, language)[args.split :]:
-                if not (fits(item.prompt, _completion(item)) and fits(item.english_prompt)):
+                if not (fits(item.prompt, item.first_answer) and fits(item.english_prompt)):
                     continue
                 rows.append(
                     {
                         "prompt": [{"role": "user", "content": item.prompt}],
-                        "completion": [{"role": "assistant", "content": _completion(item)}],
+                        "completion": [{"role": "assistant", "content": item.first_answer}],
                         "prompt_en": [{"role": "user", "content": item.english_prompt}],
                     }
                 )

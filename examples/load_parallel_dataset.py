@@ -174,12 +174,11 @@ def from_benchmark_layout(
     for language in languages:
         items = load_parallel_items(data_root, benchmark, language)[skip_items:]
         for item in items[:limit_items] if limit_items is not None else items:
-            answer = item.answer if isinstance(item.answer, str) else (item.answer[0] if item.answer else "")
             rows.append(
                 {
                     "instruction": item.prompt,
                     "instruction_en": item.english_prompt,
-                    "output": answer,
+                    "output": item.first_answer,
                     "language": language,
                     "item": item.index,
                 }

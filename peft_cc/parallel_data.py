@@ -38,6 +38,13 @@ class ParallelItem:
     english_prompt: str
     answer: str | list[str]
 
+    @property
+    def first_answer(self) -> str:
+        """The gold answer, or the first of the acceptable ones (`""` if the list is empty)."""
+        if isinstance(self.answer, str):
+            return self.answer
+        return self.answer[0] if self.answer else ""
+
 
 def _read_jsonl(path: Path) -> list:
     if not path.is_file():

@@ -234,7 +234,7 @@ def test_answer_nll_is_the_gold_answers_mean_token_loss_after_the_prompt(tiny_mo
     assert language["seconds"]["answer_scoring"] >= 0
     for record, item in zip(language["items"], load_parallel_items(str(data_root), "MKQA", "ja")):
         prompt = encode_prompt(tokenizer, item.prompt, chat_template=True)
-        answer = tokenizer(item.answer[0] if isinstance(item.answer, list) else item.answer, add_special_tokens=False)
+        answer = tokenizer(item.first_answer, add_special_tokens=False)
         ids = torch.tensor([prompt + answer["input_ids"]])
         with torch.no_grad():
             logits = tiny_model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()

@@ -32,10 +32,8 @@ def test_no_evaluated_item_is_trained_on_in_any_language(experiment, smollm2_tok
     held_out = set()
     for benchmark in experiment._names(args.train_benchmarks):
         for language in available_languages(DATA_ROOT, benchmark):
-            held_out |= {item.prompt for item in load_parallel_items(DATA_ROOT, benchmark, language)[: args.split]}
-            held_out |= {
-                item.english_prompt for item in load_parallel_items(DATA_ROOT, benchmark, language)[: args.split]
-            }
+            for item in load_parallel_items(DATA_ROOT, benchmark, language)[: args.split]:
+                held_out |= {item.prompt, item.english_prompt}
     prompts = {row["prompt"][0]["content"] for row in pairs} | {row["prompt_en"][0]["content"] for row in pairs}
     assert not prompts & held_out
     for row in pairs:

@@ -227,7 +227,7 @@ class _Evaluator:
                 result["label_counts"]["log_likelihood"] = _counts(choices)
         if not benchmark.is_multiple_choice and self.config.answer_log_likelihood:
             started = time.perf_counter()
-            gold = [item.answer[0] if isinstance(item.answer, list) else item.answer for item in items]
+            gold = [item.first_answer for item in items]
             nlls = self.answer_nlls(prompts, english, gold, f"{benchmark.name} {language}: gold answer")
             seconds["answer_scoring"] = time.perf_counter() - started
             for record, nll in zip(records, nlls):
