@@ -13,6 +13,7 @@ its share; a soft mixture counts each layer by its weight). Prints one JSON obje
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -23,7 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_cc import CCConfig
+from peft_cc import DECISION_MAKER_PRESETS, CCConfig
 from peft_cc.capacity_task import heldout_batch, training_batches, without_english
 from peft_cc.packaged_models import resolve_model_path
 
@@ -35,7 +36,8 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
     "forced_first": ({"source_layers": [0]}, None),
     "forced_middle": ({"source_layers": [15]}, None),
     "forced_last": ({"source_layers": [-1]}, None),
-    "paper_default": ({}, None),
+    "forced_last_residual_norm": ({"source_layers": [-1], "injection_scaling": "residual_norm"}, None),
+    "paper_default": (dict(DECISION_MAKER_PRESETS["paper"]), None),
     "decision_maker_lr_5e-2": ({}, 5e-2),
     "residual_norm": ({"injection_scaling": "residual_norm"}, None),
     "residual_norm_dm_lr_1e-2": ({"injection_scaling": "residual_norm"}, 1e-2),
@@ -65,9 +67,26 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
         },
         None,
     ),
+    "english_variance": ({"decision_maker_init": "english_variance"}, None),
+    "english_variance_late_dm": (
+        {"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25},
+        None,
+    ),
+    "english_variance_half_dm": (
+        {"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.5},
+        None,
+    ),
+    "reinforce": ({"decision_maker_gradient": "score_function"}, None),
+    "english_variance_late_dm_lr_5e-5": (
+        {"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25},
+        5e-5,
+    ),
 }
-# The setting docs/decision_maker.md recommends: no option measured beat the paper's settings on every seed.
-ARMS["recommended"] = ARMS["paper_default"]
+VARIANCE_REINFORCE = DECISION_MAKER_PRESETS["variance_reinforce"]
+ARMS["variance_reinforce"] = (dict(VARIANCE_REINFORCE), None)
+ARMS["variance_reinforce_residual_norm"] = ({**VARIANCE_REINFORCE, "injection_scaling": "residual_norm"}, None)
+# The setting docs/decision_maker.md recommends for finding the informative layer (not the default: see there).
+ARMS["recommended"] = ARMS["variance_reinforce"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,6 +117,10 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
         model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
     else:
         model = get_peft_model(base, CCConfig(**LORA, **options))
+        if model.base_model.needs_decision_maker_initialization():
+            # From the first batches of the run, as CCSFTTrainer does (its default: 64 examples).
+            first = itertools.islice(training_batches(tokenizer, args.batch_size), max(1, 64 // args.batch_size))
+            model.base_model.initialize_decision_maker(first)
     select = without_english if options is None else (lambda batch: batch)
     decision_maker = [p for n, p in model.named_parameters() if p.requires_grad and "cc_decision_maker" in n]
     others = [p for n, p in model.named_parameters() if p.requires_grad and "cc_decision_maker" not in n]

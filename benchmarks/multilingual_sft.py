@@ -8,6 +8,9 @@ Systems, all trained on the same pairs, steps, LoRA settings and seeds:
 - `cc-bi-seed<s>`: the same adapter with the bilingual connection (the real English prompt; an upper bound), for
   the seeds of `--bilingual-seeds`.
 
+`--systems` picks which of `base`, `lora` and `cc` to run; `--cc-options` passes CCConfig options to the CC system
+and `--cc-name` renames it (e.g. `--cc-name cc-ev --cc-options '{"decision_maker_init": "english_variance"}'`).
+
 Training pairs come from the benchmark files, item indices `>= --split` in every language; evaluation uses item
 indices `< --split` (the first `--eval-items` of them), so no evaluated item, in any language, is trained on. Every
 adapter and every result is saved under `--output-dir`; the adapters can be evaluated on another data root later
@@ -15,6 +18,8 @@ with `python -m peft_cc.evaluation --adapter ...`.
 
     python benchmarks/multilingual_sft.py                                   # SmolLM2-135M-Instruct, about an hour
     python benchmarks/multilingual_sft.py --steps 2 --eval-items 1 --seeds 0 --output-dir /tmp/smoke   # smoke test
+    python benchmarks/multilingual_sft.py --systems cc --cc-name cc-ev-late \
+        --cc-options '{"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}'
 """
 
 from __future__ import annotations
@@ -63,8 +68,17 @@ def parse_args() -> argparse.Namespace:
         "--bilingual-seeds", default="0", help="seeds whose CC adapter is also evaluated with the bilingual connection"
     )
     parser.add_argument("--transform-pairs", type=int, default=200)
+    parser.add_argument("--systems", default="base,lora,cc", help="which of base, lora, cc to run")
+    parser.add_argument("--cc-options", type=json.loads, default={}, help="CCConfig options of the CC system (JSON)")
+    parser.add_argument("--cc-name", default="cc", help="name of the CC system in the results")
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "multilingual_sft"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = set(_names(args.systems)) - {"base", "lora", "cc"}
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}: choose from base, lora, cc")
+    if not isinstance(args.cc_options, dict):
+        parser.error(f"--cc-options must be a JSON object, got {args.cc_options!r}")
+    return args
 
 
 def _names(text: str) -> list[str]:
@@ -100,7 +114,7 @@ def training_pairs(args: argparse.Namespace, tokenizer) -> Dataset:
 
 def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argparse.Namespace) -> Path:
     """Train one adapter (`kind` is "lora" or "cc") and save it; returns its folder."""
-    output = Path(args.output_dir) / "adapters" / f"{kind}-seed{seed}"
+    output = Path(args.output_dir) / "adapters" / f"{args.cc_name if kind == 'cc' else kind}-seed{seed}"
     common = dict(
         output_dir=str(output),
         max_steps=args.steps,
@@ -125,7 +139,7 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
             args=CCSFTConfig(**common, transform_pairs=args.transform_pairs),
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=CCConfig(**lora),
+            peft_config=CCConfig(**lora, **args.cc_options),
         )
     else:
         trainer = SFTTrainer(
@@ -138,6 +152,8 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
     trainer.train()
     trainer.save_model()
     (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    if getattr(trainer, "decision_maker_prior", None) is not None:  # decision_maker_init="english_variance"
+        (output / "decision_maker_prior.json").write_text(json.dumps(trainer.decision_maker_prior.tolist()))
     return output
 
 
@@ -206,18 +222,20 @@ def main() -> None:
         write_report(results, output_dir / "results.json")
 
     bilingual_seeds = {int(seed) for seed in _names(args.bilingual_seeds)}
-    run("base", None, None)
+    systems = _names(args.systems)
+    if "base" in systems:
+        run("base", None, None)
     for seed in (int(seed) for seed in _names(args.seeds)):
-        for kind in ("lora", "cc"):
+        for kind in [kind for kind in ("lora", "cc") if kind in systems]:
             began = time.perf_counter()
             adapter = train(kind, seed, dataset, model_path, args)
-            timings[f"train {kind}-seed{seed}"] = time.perf_counter() - began
+            timings[f"train {adapter.name}"] = time.perf_counter() - began
             if kind == "lora":
                 run(f"lora-seed{seed}", adapter, None)
             else:
-                run(f"cc-mono-seed{seed}", adapter, "monolingual")
+                run(f"{args.cc_name}-mono-seed{seed}", adapter, "monolingual")
                 if seed in bilingual_seeds:
-                    run(f"cc-bi-seed{seed}", adapter, "bilingual")
+                    run(f"{args.cc_name}-bi-seed{seed}", adapter, "bilingual")
     timings["total"] = time.perf_counter() - start
     settings = {key: value for key, value in vars(args).items()}
     (output_dir / "experiment.json").write_text(json.dumps({"settings": settings, "seconds": timings}, indent=2))

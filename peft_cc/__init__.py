@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import CCConfig
+from .config import DECISION_MAKER_PRESETS, CCConfig
 from .model import CCCausalLMOutputWithPast, CCModel
 from .registration import register
 from .transform_matrix import NormalEquations, fit_transform_matrix
@@ -35,6 +35,7 @@ __all__ = [
     "CCSFTConfig",
     "CCSFTTrainer",
     "DataCollatorForCCLanguageModeling",
+    "DECISION_MAKER_PRESETS",
     "NormalEquations",
     "fit_transform_matrix",
     "register",

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from peft import LoraConfig
 
 from .model_card import add_model_card_section
 from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+
+DECISION_MAKER_INITS = ("normal", "zeros", "english_variance")
+
+# Named sets of CCConfig options for the Decision Maker (docs/decision_maker.md): `CCConfig(r=16, ...,
+# **DECISION_MAKER_PRESETS["variance_reinforce"])`. "paper" is the method as published (the defaults);
+# "variance_reinforce" found and kept the informative layer for every seed measured on the connection-capacity task.
+DECISION_MAKER_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "paper": MappingProxyType({}),
+        "variance_reinforce": MappingProxyType(
+            {
+                "decision_maker_init": "english_variance",
+                "decision_maker_start_fraction": 0.25,
+                "decision_maker_gradient": "score_function",
+            }
+        ),
+    }
+)
 
 
 @dataclass
@@ -20,7 +41,7 @@ class CCConfig(LoraConfig):
     among all layers is added to the residual stream at the anchor right after the first decoder layer, with a
     hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass. `decision_maker_init`,
     `injection_scaling`, `gumbel_temperature_final`, `soft_choice_fraction`, `soft_choice`,
-    `decision_maker_start_fraction` and `choice_balance_weight` are options beyond the paper
+    `decision_maker_start_fraction`, `decision_maker_gradient` and `choice_balance_weight` are options beyond the paper
     that change how the Decision Maker learns (see `docs/decision_maker.md`); their defaults leave the method as
     published.
 
@@ -35,7 +56,8 @@ class CCConfig(LoraConfig):
             Whether gradients flow through the English pass (as in the paper). `False` runs it without autograd,
             which saves the memory and time of its backward.
         decision_maker_init (`str`, defaults to `"normal"`):
-            `"zeros"` starts the Decision Maker at a uniform choice over the candidate layers.
+            `"zeros"` starts the Decision Maker at a uniform choice over the candidate layers; `"english_variance"`
+            starts it favouring the layers whose English activation varies most across training prompts.
         injection_scaling (`str`, defaults to `"none"`):
             `"residual_norm"` rescales each source activation to the norm of the residual stream at the anchor.
         gumbel_temperature_final (`float`, *optional*):
@@ -46,6 +68,9 @@ class CCConfig(LoraConfig):
             The soft mixture: a soft Gumbel-Softmax sample, or `"expected"`, the noise-free softmax of the logits.
         decision_maker_start_fraction (`float`, defaults to `0.0`):
             Fraction of training during which the Decision Maker's choice is applied but not learned.
+        decision_maker_gradient (`str`, defaults to `"straight_through"`):
+            How the Decision Maker learns: the straight-through Gumbel-Softmax gradient, or `"score_function"`, a
+            REINFORCE estimate from the per-row losses of the layers actually injected.
         choice_balance_weight (`float`, defaults to `0.0`):
             Weight of the load-balancing term KL(mean choice probabilities || uniform) added to the loss.
         ffn_output_module (`str`, *optional*):
@@ -93,8 +118,14 @@ class CCConfig(LoraConfig):
         default="normal",
         metadata={
             "help": (
-                "Initialisation of the Decision Maker: 'normal' (std `initializer_range`, as in the paper) or "
-                "'zeros' (every candidate layer equally likely at the start, whatever the activations' norms)."
+                "Initialisation of the Decision Maker: 'normal' (std `initializer_range`, as in the paper), 'zeros' "
+                "(every candidate layer equally likely at the start, whatever the activations' norms) or "
+                "'english_variance' (the normal initialisation, then, from the first training examples, each layer "
+                "made as likely as its share of the variance of the English activations across prompts, of their "
+                "directions with `injection_scaling='residual_norm'`: a layer whose activation at the anchor is the "
+                "same for every prompt carries nothing about the prompt). "
+                "'english_variance' needs `CCModel.initialize_decision_maker` before training; CCSFTTrainer calls "
+                "it on `decision_maker_init_examples` training examples."
             )
         },
     )
@@ -143,6 +174,19 @@ class CCConfig(LoraConfig):
                 "Fraction of training (0..1) before the Decision Maker starts learning: until then its choice is "
                 "applied but receives no gradient, so that LoRA can first learn to read the injected activations. "
                 "0 (the paper) trains it from the first step."
+            )
+        },
+    )
+    decision_maker_gradient: str = field(
+        default="straight_through",
+        metadata={
+            "help": (
+                "How the Decision Maker learns from a hard choice: 'straight_through' (the paper: the gradient of "
+                "the soft Gumbel-Softmax sample, a first-order estimate of what mixing in another layer would do) or "
+                "'score_function' (REINFORCE: each row's loss minus the mean loss of the other rows of the batch, "
+                "times the gradient of the log-probability of the layer it injected; it compares what the injected "
+                "layers actually did; a batch of one row is compared with a running mean of past losses). "
+                "'score_function' needs `labels` in the forward call and a hard choice (`soft_choice_fraction=0`)."
             )
         },
     )
@@ -212,8 +256,11 @@ class CCConfig(LoraConfig):
             raise ValueError(f"`gumbel_temperature` must be a number > 0, got {self.gumbel_temperature!r}.")
         if not isinstance(self.english_gradients, bool):
             raise ValueError(f"`english_gradients` must be True or False, got {self.english_gradients!r}.")
-        if self.decision_maker_init not in ("normal", "zeros"):
-            raise ValueError(f"`decision_maker_init` must be 'normal' or 'zeros', got {self.decision_maker_init!r}.")
+        if self.decision_maker_init not in DECISION_MAKER_INITS:
+            raise ValueError(
+                f"`decision_maker_init` must be one of {', '.join(map(repr, DECISION_MAKER_INITS))}, "
+                f"got {self.decision_maker_init!r}."
+            )
         if self.injection_scaling not in ("none", "residual_norm"):
             raise ValueError(f"`injection_scaling` must be 'none' or 'residual_norm', got {self.injection_scaling!r}.")
         if self.gumbel_temperature_final is not None and (
@@ -231,6 +278,16 @@ class CCConfig(LoraConfig):
         if isinstance(self.decision_maker_start_fraction, bool) or not 0 <= self.decision_maker_start_fraction <= 1:
             raise ValueError(
                 f"`decision_maker_start_fraction` must lie in [0, 1], got {self.decision_maker_start_fraction!r}."
+            )
+        if self.decision_maker_gradient not in ("straight_through", "score_function"):
+            raise ValueError(
+                "`decision_maker_gradient` must be 'straight_through' or 'score_function', "
+                f"got {self.decision_maker_gradient!r}."
+            )
+        if self.decision_maker_gradient == "score_function" and self.soft_choice_fraction > 0:
+            raise ValueError(
+                "`decision_maker_gradient='score_function'` learns from the layer each row injected, so it needs a "
+                f"hard choice from the start: set `soft_choice_fraction=0` (got {self.soft_choice_fraction})."
             )
         if isinstance(self.choice_balance_weight, bool) or not self.choice_balance_weight >= 0:
             raise ValueError(f"`choice_balance_weight` must be >= 0, got {self.choice_balance_weight!r}.")

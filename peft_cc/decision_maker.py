@@ -75,6 +75,43 @@ class DecisionMaker(nn.Module):
         one_hot = nn.functional.one_hot(soft.argmax(dim=-1), self.num_sources).to(soft.dtype)
         return one_hot - soft.detach() + soft, logits
 
+    @torch.no_grad()
+    def favour(self, log_prior: torch.Tensor, z: torch.Tensor) -> None:
+        """Shift the logits by a prior over the source layers, around the inputs `z`.
+
+        Adds the rank-one term `(log_prior − mean(log_prior)) ⊗ z̄ / ||z̄||²` to the weight, where `z̄` is the mean of
+        `z`: at `z̄` the logits move by the centred log prior, and each row's own part of the initialisation stays.
+
+        Args:
+            log_prior: `[S]` log-probabilities (up to a constant) of the source layers.
+            z: `[N, d]` Decision Maker inputs of some training examples.
+        """
+        centred = log_prior.float() - log_prior.float().mean()
+        mean_input = z.float().mean(dim=0)
+        self.weight += torch.outer(
+            centred.to(self.weight.device), (mean_input / mean_input.square().sum()).to(self.weight.device)
+        )
+
+
+def english_variance_prior(source_activations: torch.Tensor) -> torch.Tensor:
+    """Each source layer's share of the variance of the activations across examples, as a log-probability.
+
+    A layer whose activation at the anchor is the same for every prompt carries nothing about the prompt; the share
+    of `Σ_l Var_n(e_l)` (summed over the `d` features) measures how much prompt-dependent signal each candidate
+    layer would inject, in the units it is injected in (pass unit-norm activations when they are injected rescaled).
+
+    Args:
+        source_activations: `[N, S, d]` English activations of `N` prompts at the anchor (`N ≥ 2`).
+
+    Returns:
+        `[S]` float32 log of each layer's share, floored at `log(1e-8)` (a layer that does not vary at all).
+    """
+    if source_activations.shape[0] < 2:
+        raise ValueError(f"The variance across prompts needs at least 2 prompts, got {source_activations.shape[0]}.")
+    activations = source_activations.float()
+    variance = (activations - activations.mean(dim=0)).square().sum(dim=-1).mean(dim=0)
+    return (variance / variance.sum().clamp_min(1e-30)).clamp_min(1e-8).log()
+
 
 def sample_gumbel_noise(batch_size: int, num_sources: int, device: torch.device) -> torch.Tensor:
     """`[B, S]` float32 standard Gumbel noise from torch's global generator (reproducible under `manual_seed`)."""
@@ -93,6 +130,11 @@ class ConnectionChoice:
             the soft mixture (see :meth:`DecisionMaker.forward`).
         scale_to_residual: rescale every source activation to the norm of the residual stream it is added to.
         learn: whether the Decision Maker learns from this choice; `False` applies the choice with zero gradients.
+        score_function: the Decision Maker learns from :meth:`score_function_loss` instead of the straight-through
+            gradient (the injected vector then carries zero gradients to it).
+
+    After :meth:`vectors_for`: `summary` (`[B', d]` the Decision Maker's input `z`), `choice` and `logits`
+    (`[B', S]`), detached, and `probabilities` (`[B', S]`, in the graph).
     """
 
     def __init__(
@@ -104,9 +146,11 @@ class ConnectionChoice:
         hard: bool = True,
         scale_to_residual: bool = False,
         learn: bool = True,
+        score_function: bool = False,
     ) -> None:
         self.decision_maker = decision_maker
         self.learn = learn
+        self.score_function = score_function
         self.source_activations = source_activations
         self.temperature = temperature
         self.hard = hard
@@ -114,8 +158,10 @@ class ConnectionChoice:
         rows, num_sources = source_activations.shape[:2]
         self.noise = sample_gumbel_noise(rows, num_sources, source_activations.device) if sample else None
         self.choice: torch.Tensor | None = None
+        self.summary: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
         self.probabilities: torch.Tensor | None = None
+        self._log_probabilities: torch.Tensor | None = None  # [B', S], gradients to the Decision Maker only
 
     def vectors_for(self, first_layer_input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`c = Σ_l s_l e_l`: the `[B', d]` float32 vectors to inject.
@@ -125,10 +171,14 @@ class ConnectionChoice:
             residual: `[B', d]` the residual stream the vectors are added to (the injection layer's output).
         """
         z = self.decision_maker.summarize(first_layer_input, self.source_activations)
+        self.summary = z.detach()
         choice, logits = self.decision_maker(z, self.noise, self.temperature, hard=self.hard)
-        if not self.learn:
+        if not self.learn or self.score_function:
             # Zero gradients rather than none: distributed data parallel expects one for every trainable parameter.
             choice = choice.detach() + 0.0 * choice
+        if self.learn and self.score_function:
+            _, own_logits = self.decision_maker(z.detach(), hard=False)
+            self._log_probabilities = torch.log_softmax(own_logits, dim=-1)
         self.choice, self.logits = choice.detach(), logits.detach()
         self.probabilities = torch.softmax(logits, dim=-1)
         sources = self.source_activations.float()
@@ -136,6 +186,35 @@ class ConnectionChoice:
             target = residual.float().norm(dim=-1, keepdim=True).unsqueeze(1)  # [B', 1, 1]
             sources = sources / sources.norm(dim=-1, keepdim=True).clamp_min(1e-6) * target
         return (choice.unsqueeze(-1) * sources).sum(dim=1)
+
+    def score_function_loss(
+        self, row_losses: torch.Tensor, single_row_baseline: float | None = None
+    ) -> torch.Tensor | None:
+        """The REINFORCE term of the Decision Maker, for `decision_maker_gradient="score_function"`.
+
+        Its gradient is `mean_r (ℓ_r − b_r) ∇ log p_r(chosen layer)`, where `ℓ_r` is row `r`'s loss with the layer it
+        injected and the baseline `b_r` the mean loss of the other rows; its value is 0, so adding it to the loss
+        changes no reported number.
+
+        Args:
+            row_losses: `[B']` the loss of each connected row (gradients are not taken through it).
+            single_row_baseline: the baseline when there is one row only (e.g. a running mean of past losses).
+
+        Returns:
+            A scalar, or `None` when the Decision Maker does not learn from this choice, or there is no row, or one
+            row and no `single_row_baseline`.
+        """
+        rows = len(row_losses)
+        if self._log_probabilities is None or rows == 0 or (rows == 1 and single_row_baseline is None):
+            return None
+        losses = row_losses.detach().float().to(self._log_probabilities.device)
+        if rows == 1:
+            baseline = torch.full_like(losses, single_row_baseline)
+        else:
+            baseline = (losses.sum() - losses) / (rows - 1)
+        chosen = (self.choice * self._log_probabilities).sum(dim=-1)  # [B'] log p of the injected layer
+        surrogate = ((losses - baseline) * chosen).mean()
+        return surrogate - surrogate.detach()
 
     def balance_loss(self) -> torch.Tensor | None:
         """`KL(p̄ || uniform)` of the mean choice probabilities over the rows: 0 when every layer is equally likely."""

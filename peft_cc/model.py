@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_
 from .architecture import DecoderMap, map_decoder
 from .config import CCConfig
 from .connection import CrossLingualConnection
-from .decision_maker import ConnectionChoice, DecisionMaker
+from .decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior
 from .generation import generate_with_connection
 
 DECISION_MAKER_KEY = "cc_decision_maker"
@@ -83,6 +84,11 @@ class CCModel(LoraModel):
         self._connection: CrossLingualConnection | None = None
         self._connection_enabled = True
         self.training_progress = 0.0
+        # Adapters whose `decision_maker_init` needs training examples (see `initialize_decision_maker`).
+        self._decision_makers_to_initialize: set[str] = set()
+        self._recorded_choices: list[ConnectionChoice] | None = None
+        # Per adapter, a running mean of the connected rows' losses: the score-function baseline of one-row batches.
+        self._running_row_loss: dict[str, float] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------------------------------------ adapters
@@ -115,6 +121,8 @@ class CCModel(LoraModel):
         )
         if config.decision_maker_init == "zeros":
             nn.init.zeros_(decision_maker.weight)
+        if config.decision_maker_init == "english_variance" and not config.inference_mode:
+            self._decision_makers_to_initialize.add(adapter_name)
         decision_maker.requires_grad_(not config.inference_mode)
         self.cc_decision_maker[adapter_name] = decision_maker
         self.cc_transform_matrix[adapter_name] = torch.zeros(
@@ -185,6 +193,12 @@ class CCModel(LoraModel):
         adapter_name = self._active_cc_adapter()
         if adapter_name is None:
             return self.model(*args, **kwargs)
+        if self.training and torch.is_grad_enabled() and adapter_name in self._decision_makers_to_initialize:
+            raise ValueError(
+                f"The Decision Maker of adapter '{adapter_name}' has `decision_maker_init='english_variance'`, which "
+                "is computed from training examples: call `model.base_model.initialize_decision_maker(batches)` "
+                "before training (CCSFTTrainer does it)."
+            )
         if english_input_ids is None:
             if self.training and torch.is_grad_enabled():
                 raise ValueError(
@@ -229,8 +243,19 @@ class CCModel(LoraModel):
         choice = self.connection_choice(activations, adapter_name)
         with self._connection.injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for):
             outputs = self.model(**kwargs)
+        if self._recorded_choices is not None:
+            self._recorded_choices.append(choice)
         if not isinstance(outputs, ModelOutput):
             return outputs
+        labels = kwargs.get("labels")
+        if choice.score_function and outputs.loss is not None and labels is not None and len(rows):
+            row_losses = _row_losses(outputs.logits, labels)[rows]
+            running = self._running_row_loss.get(adapter_name)
+            reinforce = choice.score_function_loss(row_losses, single_row_baseline=running)
+            if reinforce is not None:
+                outputs.loss = outputs.loss + reinforce
+            mean = float(row_losses.mean())
+            self._running_row_loss[adapter_name] = mean if running is None else 0.9 * running + 0.1 * mean
         balance_loss = choice.balance_loss() if self.training and config.choice_balance_weight > 0 else None
         if balance_loss is not None and outputs.loss is not None:
             outputs.loss = outputs.loss + config.choice_balance_weight * balance_loss
@@ -244,6 +269,54 @@ class CCModel(LoraModel):
         return CCCausalLMOutputWithPast(
             **outputs, connected_rows=connected, layer_choice=layer_choice, layer_logits=layer_logits
         )
+
+    def needs_decision_maker_initialization(self, adapter_name: str | None = None) -> bool:
+        """Whether the Decision Maker of `adapter_name` (default: the active adapter) waits for
+        :meth:`initialize_decision_maker` before it can train (`decision_maker_init="english_variance"`)."""
+        return (adapter_name or self.active_adapters[0]) in self._decision_makers_to_initialize
+
+    @torch.no_grad()
+    def initialize_decision_maker(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Favour, in the active adapter's Decision Maker, the layers whose English activation varies most.
+
+        The data-dependent step of `decision_maker_init="english_variance"`, done once before training
+        (CCSFTTrainer does it): each batch goes through the bilingual connection without gradients, and the
+        Decision Maker's logits are shifted by the log of each layer's share of the variance of the English
+        activations across the rows (:func:`~peft_cc.decision_maker.english_variance_prior`,
+        :meth:`~peft_cc.decision_maker.DecisionMaker.favour`). Other adapters' Decision Makers are untouched.
+
+        Args:
+            batches: keyword arguments of training forward calls (`input_ids`, `attention_mask`, `labels`,
+                `english_input_ids`, `english_attention_mask`); at least 2 connected rows in all.
+
+        Returns:
+            `[S]` float32, the prior: each candidate layer's share of the variance.
+        """
+        adapter_name = self._active_cc_adapter()
+        if adapter_name is None:
+            raise ValueError("initialize_decision_maker needs the CC-Tuning adapter enabled and active.")
+        was_training = self.training
+        self._recorded_choices = choices = []
+        self.eval()
+        try:
+            for batch in batches:
+                if batch.get("english_input_ids") is None:
+                    raise ValueError("initialize_decision_maker needs batches with `english_input_ids`.")
+                self.forward(**batch)
+        finally:
+            self._recorded_choices = None
+            self.train(was_training)
+        connected = [choice for choice in choices if choice.summary is not None and len(choice.summary)]
+        if not connected:
+            raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
+        activations = torch.cat([choice.source_activations for choice in connected]).float()
+        if self.peft_config[adapter_name].injection_scaling == "residual_norm":
+            # What is injected then is each activation's direction, at the residual stream's norm.
+            activations = activations / activations.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        log_prior = english_variance_prior(activations)
+        self.cc_decision_maker[adapter_name].favour(log_prior, torch.cat([choice.summary for choice in connected]))
+        self._decision_makers_to_initialize.discard(adapter_name)
+        return log_prior.exp()
 
     def set_training_progress(self, progress: float) -> None:
         """Tell the connection how far training is (0..1): the temperature schedule and soft phase depend on it."""
@@ -267,6 +340,7 @@ class CCModel(LoraModel):
             hard=hard,
             scale_to_residual=config.injection_scaling == "residual_norm",
             learn=self.training_progress >= config.decision_maker_start_fraction,
+            score_function=self.training and hard and config.decision_maker_gradient == "score_function",
         )
 
     def generate(self, *args, **kwargs):
@@ -399,6 +473,9 @@ class CCModel(LoraModel):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, CCModel):  # a loaded Decision Maker has its trained weights: nothing to initialise
+            tuner._decision_makers_to_initialize.discard(adapter_name)
         expected = {
             key: tensor.shape
             for key, tensor in model.state_dict().items()
@@ -418,3 +495,21 @@ class CCModel(LoraModel):
                     "Transform Matrix)."
                 )
         return remapped
+
+
+@torch.no_grad()
+def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`[B]` float32 mean next-token cross-entropy of each row over its labels (-100: ignored; 0 for a row without).
+
+    Args:
+        logits: `[B, T, V]` the model's logits.
+        labels: `[B, T]` labels aligned with the inputs (shifted here, as the causal-LM loss does).
+    """
+    targets = labels[:, 1:].to(logits.device)
+    supervised = targets != -100
+    token_losses = nn.functional.cross_entropy(
+        logits[:, :-1][supervised].float(), targets[supervised], reduction="none"
+    )
+    rows = supervised.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, token_losses)
+    return sums / supervised.sum(dim=1).clamp_min(1)

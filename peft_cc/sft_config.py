@@ -50,6 +50,9 @@ class CCSFTConfig(SFTConfig):
             Learning rate of the Decision Maker's weights, in their own optimizer parameter group (no weight decay;
             the same schedule as the other weights). `None` trains them with `learning_rate`, as the paper does. An
             optimizer passed to the trainer (`optimizers=`) is used as it is.
+        decision_maker_init_examples (`int`, *optional*, defaults to `64`):
+            Number of training examples (the first batches of the training data) from which the trainer
+            initialises the Decision Maker when the adapter has `decision_maker_init="english_variance"`.
 
         > Parameters that control the logging
 
@@ -97,6 +100,13 @@ class CCSFTConfig(SFTConfig):
             "used as it is."
         },
     )
+    decision_maker_init_examples: int = field(
+        default=64,
+        metadata={
+            "help": "Number of training examples (the first batches) from which the Decision Maker is initialised "
+            "when the adapter has `decision_maker_init='english_variance'` (at least 2)."
+        },
+    )
     log_layer_frequencies: bool = field(
         default=True,
         metadata={
@@ -121,6 +131,14 @@ class CCSFTConfig(SFTConfig):
             or self.transform_batch_size < 1
         ):
             raise ValueError(f"`transform_batch_size` must be None or an int >= 1, got {self.transform_batch_size!r}.")
+        if (
+            isinstance(self.decision_maker_init_examples, bool)
+            or not isinstance(self.decision_maker_init_examples, numbers.Integral)
+            or self.decision_maker_init_examples < 2
+        ):
+            raise ValueError(
+                f"`decision_maker_init_examples` must be an int >= 2, got {self.decision_maker_init_examples!r}."
+            )
         if self.decision_maker_learning_rate is not None and (
             isinstance(self.decision_maker_learning_rate, bool)
             or not isinstance(self.decision_maker_learning_rate, numbers.Real)

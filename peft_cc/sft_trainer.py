@@ -36,6 +36,7 @@ from datasets import Dataset, IterableDataset
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -47,6 +48,8 @@ from .model import CCCausalLMOutputWithPast, CCModel
 from .model_card import add_model_card_section
 from .sft_config import CCSFTConfig, unsupported_batching
 from .transform_matrix import fit_transform_matrix
+
+logger = logging.get_logger(__name__)
 
 ENGLISH_INPUT_IDS = "english_input_ids"
 ENGLISH_ATTENTION_MASK = "english_attention_mask"
@@ -341,6 +344,14 @@ class CCSFTTrainer(SFTTrainer):
         # float32, as CC-Tuning needs (its logits decide the layer choice).
         for decision_maker in tuner.cc_decision_maker.values():
             decision_maker.float()
+        config: CCConfig = tuner.peft_config[tuner.active_adapters[0]]
+        own_loss_terms = config.choice_balance_weight > 0 or config.decision_maker_gradient == "score_function"
+        if own_loss_terms and (self.compute_loss_func is not None or self.label_smoother is not None):
+            raise ValueError(
+                "`choice_balance_weight` and `decision_maker_gradient='score_function'` add their terms to the "
+                "model's own loss, which `compute_loss_func` and `label_smoothing_factor` replace: the Decision "
+                "Maker would silently lose them. Use one or the other."
+            )
 
         # The default collator of TRL, extended with the English prompts (same pad token, same padding options).
         if type(self.data_collator) is DataCollatorForLanguageModeling:
@@ -357,6 +368,7 @@ class CCSFTTrainer(SFTTrainer):
         self._noise_step: int | None = None
         self._noise_micro_batch = 0
         self.transform_matrix_stats: dict[str, Any] | None = None
+        self.decision_maker_prior: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ the model
 
@@ -603,12 +615,51 @@ class CCSFTTrainer(SFTTrainer):
         """Train as [`trl.SFTTrainer.train`] does, then fit the Transform Matrix on `transform_pairs` training pairs.
 
         Takes the arguments of [`~transformers.Trainer.train`] (`resume_from_checkpoint`, ...) and returns its
-        `TrainOutput`. With `transform_pairs=0` no fit is done.
+        `TrainOutput`. With `transform_pairs=0` no fit is done. An adapter with
+        `decision_maker_init="english_variance"` first gets its Decision Maker initialised
+        ([`~CCSFTTrainer.initialize_decision_maker`]), unless training resumes from a checkpoint.
         """
+        resuming = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if not resuming and self.cc_model.needs_decision_maker_initialization():
+            self.initialize_decision_maker()
         output = super().train(*args, **kwargs)
         if self.args.transform_pairs > 0:
             self.fit_transform_matrix()
         return output
+
+    def initialize_decision_maker(self) -> torch.Tensor:
+        """Initialise the Decision Maker from the first `decision_maker_init_examples` training examples.
+
+        See [`CCModel.initialize_decision_maker`]. Training then sees the same batches in the same order as without
+        it, and the global random state is restored afterwards. With several processes, process 0's result is
+        broadcast.
+
+        Returns:
+            `[S]` the prior over the candidate source layers (also kept as `decision_maker_prior`).
+        """
+        with torch.random.fork_rng(devices=[]):
+            batches = list(self._first_training_batches(self.args.decision_maker_init_examples))
+        prior = self.cc_model.initialize_decision_maker(batches)
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.cc_model.decision_maker().weight.data, src=0)
+        self.decision_maker_prior = prior
+        favoured = prior.topk(min(3, len(prior)))
+        layers = self.cc_model.source_layers()
+        logger.info(
+            "Decision Maker initialised from %d training batches; most favoured source layers: %s",
+            len(batches),
+            ", ".join(f"{layers[i]} ({p:.0%})" for p, i in zip(favoured.values.tolist(), favoured.indices.tolist())),
+        )
+        return prior
+
+    def _first_training_batches(self, num_examples: int) -> Iterator[dict[str, Any]]:
+        """The first batches of the training data loader, on the device, until they hold `num_examples` rows."""
+        rows = 0
+        for batch in self.get_train_dataloader():
+            yield self._prepare_inputs(batch)
+            rows += len(batch["input_ids"])
+            if rows >= num_examples:
+                return
 
     def fit_transform_matrix(self, num_pairs: int | None = None) -> dict[str, Any] | None:
         """Fit the Transform Matrix of the adapter on a seeded sample of training pairs, and store it in the adapter.

@@ -6,10 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from helpers import cc_tuner, decision_maker_weight, make_cc_model, randomize_lora_b
+from peft import PeftModel
+from torch import nn
 
-from peft_cc import CCConfig
-from peft_cc.decision_maker import ConnectionChoice, DecisionMaker
+from peft_cc import DECISION_MAKER_PRESETS, CCConfig
+from peft_cc.decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior
+from peft_cc.model import _row_losses
 
 
 def _batch(rows: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -189,3 +193,142 @@ def test_decision_maker_starts_learning_at_its_start_fraction():
     tuner.set_training_progress(0.5)
     model(**_batch()).loss.backward()
     assert weight.grad.abs().sum() > 0
+
+
+def test_english_variance_prior_is_each_layers_share_of_the_variance():
+    generator = torch.Generator().manual_seed(0)
+    activations = torch.randn(5, 3, 4, generator=generator)
+    activations[:, 0] = torch.tensor([1.0, -2.0, 3.0, 0.5])  # the same for every prompt: carries nothing
+    activations[:, 2] *= 3.0
+    prior = english_variance_prior(activations).exp()
+    variance = [activations[:, layer].var(dim=0, unbiased=False).sum() for layer in range(3)]
+    assert prior[0] == pytest.approx(1e-8)
+    assert prior[2] / prior[1] == pytest.approx(float(variance[2] / variance[1]), rel=1e-5)
+    assert prior[1:].sum() == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        english_variance_prior(activations[:1])
+
+
+def test_favour_shifts_the_logits_at_the_mean_input_by_the_centred_prior():
+    decision_maker = DecisionMaker(3, 4)
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    log_prior = torch.tensor([0.0, -1.0, -5.0])
+    before = z @ decision_maker.weight.detach().T
+    decision_maker.favour(log_prior, z)
+    after = z @ decision_maker.weight.detach().T
+    torch.testing.assert_close((after - before).mean(dim=0), log_prior - log_prior.mean())
+
+
+@pytest.mark.parametrize("scaling", ["none", "residual_norm"])
+def test_english_variance_init_favours_the_varying_layers_before_training(scaling):
+    model = make_cc_model("llama", decision_maker_init="english_variance", injection_scaling=scaling)
+    tuner = cc_tuner(model)
+    assert tuner.needs_decision_maker_initialization()
+    with pytest.raises(ValueError, match="initialize_decision_maker"):
+        model(**_batch())  # training before the data-dependent step would silently skip it
+    batches = [_batch(seed=0), _batch(seed=1)]
+    before = decision_maker_weight(model).detach().clone()
+    prior = tuner.initialize_decision_maker(batches)
+
+    # The prior is computed from the English activations at the English anchors of every row of both batches.
+    english = torch.cat([batch["english_input_ids"] for batch in batches])
+    rows = torch.arange(len(english))
+    anchors = torch.full((len(english),), english.shape[1] - 1)
+    activations = tuner.anchor_activations(english, torch.ones_like(english), rows, anchors, tuner.source_layers())
+    if scaling == "residual_norm":  # the injected activations are the directions, rescaled
+        activations = activations / activations.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(prior, english_variance_prior(activations).exp())
+    assert prior.sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert not torch.equal(decision_maker_weight(model), before)
+    assert not tuner.needs_decision_maker_initialization()
+    assert model.training  # the training mode is restored
+    output = model(**_batch(seed=2))
+    output.loss.backward()
+    assert decision_maker_weight(model).grad.abs().sum() > 0
+
+
+def test_a_loaded_english_variance_adapter_trains_without_initialization(tmp_path):
+    model = make_cc_model("llama", decision_maker_init="english_variance")
+    cc_tuner(model).initialize_decision_maker([_batch()])
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path, is_trainable=True)
+    assert not cc_tuner(loaded).needs_decision_maker_initialization()
+    torch.testing.assert_close(decision_maker_weight(loaded), decision_maker_weight(model))
+    loaded.train()
+    loaded(**_batch()).loss.backward()
+
+
+def test_row_losses_are_each_rows_mean_cross_entropy_over_its_labels():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=generator)
+    labels = torch.randint(0, 7, (3, 5), generator=generator)
+    labels[0, :3] = -100
+    labels[2] = -100  # no supervised token
+    losses = _row_losses(logits, labels)
+    expected = nn.functional.cross_entropy(logits[0, 2:4], labels[0, 3:5])
+    assert losses[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses[1].item() == pytest.approx(nn.functional.cross_entropy(logits[1, :-1], labels[1, 1:]).item())
+    assert losses[2].item() == 0.0
+
+
+def test_score_function_gradient_is_reinforce_with_a_leave_one_out_baseline():
+    generator = torch.Generator().manual_seed(0)
+    decision_maker = DecisionMaker(3, 4)
+    choice = ConnectionChoice(
+        decision_maker, torch.randn(4, 3, 4, generator=generator), sample=True, score_function=True
+    )
+    vectors = choice.vectors_for(torch.randn(4, 4, generator=generator), torch.randn(4, 4))
+    vectors.sum().backward()
+    assert not decision_maker.weight.grad.any()  # no straight-through gradient
+    row_losses = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    term = choice.score_function_loss(row_losses)
+    assert term.item() == 0.0  # the reported loss does not change
+    decision_maker.weight.grad = None
+    term.backward()
+    baseline = (row_losses.sum() - row_losses) / 3
+    advantage = (row_losses - baseline)[:, None] * (choice.choice - choice.probabilities.detach())  # [B', S]
+    torch.testing.assert_close(decision_maker.weight.grad, advantage.T @ choice.summary / 4)
+
+
+def test_score_function_compares_a_single_row_with_the_given_baseline():
+    generator = torch.Generator().manual_seed(0)
+    decision_maker = DecisionMaker(3, 4)
+    choice = ConnectionChoice(
+        decision_maker, torch.randn(1, 3, 4, generator=generator), sample=True, score_function=True
+    )
+    choice.vectors_for(torch.randn(1, 4, generator=generator), torch.randn(1, 4))
+    assert choice.score_function_loss(torch.tensor([1.5])) is None  # nothing to compare with
+    choice.score_function_loss(torch.tensor([1.5]), single_row_baseline=2.0).backward()
+    expected = -0.5 * (choice.choice - choice.probabilities.detach()).T @ choice.summary
+    torch.testing.assert_close(decision_maker.weight.grad, expected)
+
+
+def test_score_function_trains_lora_like_a_frozen_choice_and_only_then_the_decision_maker():
+    def step(**options):
+        model = make_cc_model("llama", **options)
+        randomize_lora_b(model)
+        torch.manual_seed(3)
+        output = model(**_batch())
+        output.loss.backward()
+        return output, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reinforce, reinforce_grads = step(decision_maker_gradient="score_function")
+    frozen, frozen_grads = step(decision_maker_start_fraction=1.0)
+    assert torch.equal(reinforce.layer_choice, frozen.layer_choice)
+    torch.testing.assert_close(reinforce.loss, frozen.loss)
+    dm = next(name for name in reinforce_grads if "cc_decision_maker" in name)
+    assert reinforce_grads[dm].abs().sum() > 0 and not frozen_grads[dm].any()
+    for name, grad in frozen_grads.items():
+        if name != dm:
+            torch.testing.assert_close(reinforce_grads[name], grad)
+    with pytest.raises(ValueError, match="soft_choice_fraction"):
+        CCConfig(decision_maker_gradient="score_function", soft_choice_fraction=0.5)
+    with pytest.raises(ValueError, match="decision_maker_gradient"):
+        CCConfig(decision_maker_gradient="reinforce")
+
+
+def test_presets_are_valid_and_the_paper_preset_is_the_default():
+    assert CCConfig(**DECISION_MAKER_PRESETS["paper"]) == CCConfig()
+    preset, paper = CCConfig(**DECISION_MAKER_PRESETS["variance_reinforce"]), CCConfig()
+    for field, value in DECISION_MAKER_PRESETS["variance_reinforce"].items():
+        assert getattr(preset, field) == value != getattr(paper, field)

@@ -57,3 +57,16 @@ def test_seed_summary_pools_the_seeds_of_each_system(experiment):
     assert set(rows) == {"base", "lora"}
     assert "| lora | 2 | 0.0 ± 0.0 | 3.25 ± 0.25 | – | – | 37.5 ± 12.5 | 37.5 ± 12.5 |" == rows["lora"]
     assert "| base | 1 | 0.0 | 4.00 |" in rows["base"]
+
+
+def test_cc_options_and_systems_are_parsed_and_checked(experiment, monkeypatch):
+    options = '{"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}'
+    argv = ["multilingual_sft.py", "--systems", "cc", "--cc-name", "cc-ev", "--cc-options", options]
+    monkeypatch.setattr("sys.argv", argv)
+    args = experiment.parse_args()
+    assert args.cc_options == {"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}
+    assert experiment._names(args.systems) == ["cc"] and args.cc_name == "cc-ev"
+    for wrong in (["--systems", "base,gpt"], ["--cc-options", "[1]"], ["--cc-options", "{not json"]):
+        monkeypatch.setattr("sys.argv", ["multilingual_sft.py", *wrong])
+        with pytest.raises(SystemExit):
+            experiment.parse_args()

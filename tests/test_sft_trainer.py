@@ -36,6 +36,7 @@ CC_FIELDS = (
     "transform_batch_size",
     "deterministic_gumbel_noise",
     "decision_maker_learning_rate",
+    "decision_maker_init_examples",
 )
 BATCH_KEYS = {"input_ids", "attention_mask", "labels", "english_input_ids", "english_attention_mask"}
 
@@ -118,6 +119,7 @@ def test_config_has_the_cc_fields_with_help_and_paper_defaults(tmp_path):
         ({"transform_batch_size": 0}, "transform_batch_size"),
         ({"english_prompt_field": ""}, "english_prompt_field"),
         ({"decision_maker_learning_rate": 0.0}, "decision_maker_learning_rate"),
+        ({"decision_maker_init_examples": 1}, "decision_maker_init_examples"),
         ({"packing": True}, "packing"),
         ({"padding_free": True}, "padding_free"),
     ],
@@ -556,6 +558,33 @@ def test_decision_maker_learning_rate_is_its_own_scheduled_parameter_group(tmp_p
     assert lora == sum(1 for name, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in name)
 
 
+def test_english_variance_init_runs_before_training_and_keeps_the_data_order(tmp_path, tokenizer):
+    def seen_batches(trainer) -> list[torch.Tensor]:
+        seen, compute_loss = [], trainer.compute_loss
+
+        def recording(model, inputs, *args, **kwargs):
+            seen.append(inputs["input_ids"].clone())
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = recording
+        trainer.train()
+        return seen
+
+    options = dict(max_steps=3, transform_pairs=0, decision_maker_init_examples=4)
+    plain = make_trainer(tmp_path / "plain", tokenizer, **options)
+    config = cc_config(decision_maker_init="english_variance")
+    initialised = make_trainer(tmp_path / "init", tokenizer, peft_config=config, **options)
+    assert initialised.cc_model.needs_decision_maker_initialization()
+    untrained = initialised.cc_model.decision_maker().weight.detach().clone()
+    seen_plain, seen_initialised = seen_batches(plain), seen_batches(initialised)
+    assert all(torch.equal(a, b) for a, b in zip(seen_plain, seen_initialised, strict=True))
+    prior = initialised.decision_maker_prior
+    assert prior.shape == (len(initialised.cc_model.source_layers()),)
+    assert prior.sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert not initialised.cc_model.needs_decision_maker_initialization()
+    assert not torch.equal(initialised.cc_model.decision_maker().weight, untrained)
+
+
 def test_bf16_mixed_precision_trains_fits_and_infers(tmp_path, tokenizer):
     """`bf16=True` (autocast, TRL's default) trains, fits and infers; choice logits and matrix stay float32."""
     trainer = make_trainer(tmp_path, tokenizer, max_steps=2, bf16=True)
@@ -619,3 +648,15 @@ def test_smollm2_end_to_end_with_its_chat_template(tmp_path, smollm2_dir, smollm
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     output = reloaded.generate(**batch, max_new_tokens=6, do_sample=False)  # the monolingual connection
     assert output.shape[0] == 2 and batch["input_ids"].shape[1] < output.shape[1] <= batch["input_ids"].shape[1] + 6
+
+
+def test_score_function_trains_the_decision_maker_and_refuses_a_replaced_loss(tmp_path, tokenizer):
+    config = cc_config(decision_maker_gradient="score_function")
+    trainer = make_trainer(tmp_path, tokenizer, peft_config=config, max_steps=2, transform_pairs=0)
+    untrained = trainer.cc_model.decision_maker().weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(trainer.cc_model.decision_maker().weight, untrained)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make_trainer(tmp_path, tokenizer, peft_config=config, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="choice_balance_weight"):
+        make_trainer(tmp_path, tokenizer, peft_config=cc_config(choice_balance_weight=0.1), label_smoothing_factor=0.1)
