@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import SFTConfig
 
@@ -121,21 +122,15 @@ class CCSFTConfig(SFTConfig):
             raise ValueError(
                 f"`english_prompt_field` must be a non-empty column name, got {self.english_prompt_field!r}."
             )
-        if isinstance(self.transform_pairs, bool) or not isinstance(self.transform_pairs, numbers.Integral):
+        if not _is_int(self.transform_pairs):
             raise ValueError(f"`transform_pairs` must be an int >= 0, got {self.transform_pairs!r}.")
         if self.transform_pairs < 0:
             raise ValueError(f"`transform_pairs` must be >= 0 (0 turns the fit off), got {self.transform_pairs}.")
         if self.transform_batch_size is not None and (
-            isinstance(self.transform_batch_size, bool)
-            or not isinstance(self.transform_batch_size, numbers.Integral)
-            or self.transform_batch_size < 1
+            not _is_int(self.transform_batch_size) or self.transform_batch_size < 1
         ):
             raise ValueError(f"`transform_batch_size` must be None or an int >= 1, got {self.transform_batch_size!r}.")
-        if (
-            isinstance(self.decision_maker_init_examples, bool)
-            or not isinstance(self.decision_maker_init_examples, numbers.Integral)
-            or self.decision_maker_init_examples < 2
-        ):
+        if not _is_int(self.decision_maker_init_examples) or self.decision_maker_init_examples < 2:
             raise ValueError(
                 f"`decision_maker_init_examples` must be an int >= 2, got {self.decision_maker_init_examples!r}."
             )
@@ -149,6 +144,11 @@ class CCSFTConfig(SFTConfig):
                 f"got {self.decision_maker_learning_rate!r}."
             )
         unsupported_batching(self)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def unsupported_batching(args: SFTConfig) -> None:

@@ -640,8 +640,7 @@ class CCSFTTrainer(SFTTrainer):
         with torch.random.fork_rng(devices=[]):
             batches = list(self._first_training_batches(self.args.decision_maker_init_examples))
         prior = self.cc_model.initialize_decision_maker(batches)
-        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.cc_model.decision_maker().weight.data, src=0)
+        self._broadcast_from_main_process(self.cc_model.decision_maker().weight.data)
         self.decision_maker_prior = prior
         favoured = prior.topk(min(3, len(prior)))
         layers = self.cc_model.source_layers()
@@ -699,8 +698,7 @@ class CCSFTTrainer(SFTTrainer):
             seed=self.args.seed,
             show_progress=self.is_local_process_zero() and not self.args.disable_tqdm,
         )
-        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.cc_model.transform_matrix(), src=0)
+        self._broadcast_from_main_process(self.cc_model.transform_matrix())
         self.transform_matrix_stats = stats
         self.log(
             {
@@ -727,6 +725,11 @@ class CCSFTTrainer(SFTTrainer):
             anchor = int(anchors_from_labels(torch.tensor([row["labels"]]))[0])
             # A row without an anchor gives an empty prompt, which the fit skips (and counts).
             yield (input_ids[: anchor + 1] if anchor >= 0 else []), list(row[ENGLISH_INPUT_IDS])
+
+    def _broadcast_from_main_process(self, tensor: torch.Tensor) -> None:
+        """Give every process process 0's `tensor` (in place); nothing to do in a single process."""
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            dist.broadcast(tensor, src=0)
 
     def _parameters_are_sharded(self) -> bool:
         if self.is_fsdp_enabled:
