@@ -85,6 +85,15 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
 VARIANCE_REINFORCE = DECISION_MAKER_PRESETS["variance_reinforce"]
 ARMS["variance_reinforce"] = (dict(VARIANCE_REINFORCE), None)
 ARMS["variance_reinforce_residual_norm"] = ({**VARIANCE_REINFORCE, "injection_scaling": "residual_norm"}, None)
+# A learned injection gate per layer, starting closed (as LoRA alone) or open (as the paper), with its own rate.
+ARMS["variance_reinforce_gate"] = ({**VARIANCE_REINFORCE, "injection_gate_init": 0.0}, None)
+ARMS["variance_reinforce_gate_lr_2e-2"] = ARMS["variance_reinforce_gate"]
+ARMS["variance_reinforce_gate_open"] = ({**VARIANCE_REINFORCE, "injection_gate_init": 1.0}, None)
+GATE_LEARNING_RATES = {
+    "variance_reinforce_gate": 5e-3,
+    "variance_reinforce_gate_lr_2e-2": 2e-2,
+    "variance_reinforce_gate_open": 5e-2,
+}
 # The setting docs/decision_maker.md recommends for finding the informative layer (not the default: see there).
 ARMS["recommended"] = ARMS["variance_reinforce"]
 
@@ -122,11 +131,14 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
             first = itertools.islice(training_batches(tokenizer, args.batch_size), max(1, 64 // args.batch_size))
             model.base_model.initialize_decision_maker(first)
     select = without_english if options is None else (lambda batch: batch)
-    decision_maker = [p for n, p in model.named_parameters() if p.requires_grad and "cc_decision_maker" in n]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and "cc_decision_maker" not in n]
-    groups = [{"params": others}]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gate = [p for n, p in trainable if "cc_decision_maker" in n and n.endswith(".gate")]
+    decision_maker = [p for n, p in trainable if "cc_decision_maker" in n and not n.endswith(".gate")]
+    groups = [{"params": [p for n, p in trainable if "cc_decision_maker" not in n]}]
     if decision_maker:
         groups.append({"params": decision_maker, "lr": decision_maker_lr or args.learning_rate})
+    if gate:
+        groups.append({"params": gate, "lr": GATE_LEARNING_RATES[name]})
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
 
     sources = model.base_model.source_layers() if options is not None else []
@@ -160,12 +172,15 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
             )
             print(f"{name} step {step + 1}: {windows[-1]}", flush=True)
             window = Counter()
-    return {
+    result = {
         "heldout_loss": heldout_curve[-1]["heldout_loss"],
         "heldout_curve": heldout_curve,
         "seconds": time.perf_counter() - start,
         "windows": windows,
     }
+    if gate:  # the learned injection gate of each candidate layer at the end
+        result["injection_gate"] = dict(zip(sources, gate[0].tolist()))
+    return result
 
 
 def heldout_loss(model, select, tokenizer) -> float:

@@ -70,14 +70,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--transform-pairs", type=int, default=200)
     parser.add_argument("--systems", default="base,lora,cc", help="which of base, lora, cc to run")
     parser.add_argument("--cc-options", type=json.loads, default={}, help="CCConfig options of the CC system (JSON)")
+    parser.add_argument(
+        "--cc-trainer-options", type=json.loads, default={}, help="CCSFTConfig options of the CC system (JSON)"
+    )
     parser.add_argument("--cc-name", default="cc", help="name of the CC system in the results")
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "multilingual_sft"))
     args = parser.parse_args()
     unknown = set(_names(args.systems)) - {"base", "lora", "cc"}
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}: choose from base, lora, cc")
-    if not isinstance(args.cc_options, dict):
-        parser.error(f"--cc-options must be a JSON object, got {args.cc_options!r}")
+    for name in ("cc_options", "cc_trainer_options"):
+        if not isinstance(getattr(args, name), dict):
+            parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
     return args
 
 
@@ -136,7 +140,7 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
     if kind == "cc":
         trainer = CCSFTTrainer(
             model=model,
-            args=CCSFTConfig(**common, transform_pairs=args.transform_pairs),
+            args=CCSFTConfig(**common, transform_pairs=args.transform_pairs, **args.cc_trainer_options),
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=CCConfig(**lora, **args.cc_options),
@@ -154,6 +158,9 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
     (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     if getattr(trainer, "decision_maker_prior", None) is not None:  # decision_maker_init="english_variance"
         (output / "decision_maker_prior.json").write_text(json.dumps(trainer.decision_maker_prior.tolist()))
+    gate = trainer.cc_model.decision_maker().gate if kind == "cc" else None
+    if gate is not None:  # injection_gate_init: how much of each candidate layer training chose to inject
+        (output / "injection_gate.json").write_text(json.dumps(gate.tolist()))
     return output
 
 

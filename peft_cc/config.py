@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -60,6 +61,8 @@ class CCConfig(LoraConfig):
             starts it favouring the layers whose English activation varies most across training prompts.
         injection_scaling (`str`, defaults to `"none"`):
             `"residual_norm"` rescales each source activation to the norm of the residual stream at the anchor.
+        injection_gate_init (`float`, *optional*):
+            A learned gate per candidate layer, starting at this value, multiplies the injected activation.
         gumbel_temperature_final (`float`, *optional*):
             Anneal the temperature geometrically to this value over training.
         soft_choice_fraction (`float`, defaults to `0.0`):
@@ -136,6 +139,18 @@ class CCConfig(LoraConfig):
                 "How the chosen English activation is scaled before it is added: 'none' (as in the paper) or "
                 "'residual_norm' (every source activation is rescaled to the norm of the residual stream at the "
                 "anchor it is added to, so that layers of very different activation norms perturb it equally)."
+            )
+        },
+    )
+    injection_gate_init: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "If set, the Decision Maker also holds a learned gate per candidate layer, `[S]` float32, that "
+                "multiplies the chosen activation before it is added, starting at this value: 0 starts as LoRA "
+                "alone and lets the loss decide how much of each layer to inject (it learns from the first step; "
+                "the trainer's `injection_gate_learning_rate` sets its rate). None (the paper) injects the "
+                "activation as it is."
             )
         },
     )
@@ -263,6 +278,14 @@ class CCConfig(LoraConfig):
             )
         if self.injection_scaling not in ("none", "residual_norm"):
             raise ValueError(f"`injection_scaling` must be 'none' or 'residual_norm', got {self.injection_scaling!r}.")
+        if self.injection_gate_init is not None and (
+            isinstance(self.injection_gate_init, bool)
+            or not isinstance(self.injection_gate_init, (int, float))
+            or not math.isfinite(self.injection_gate_init)
+        ):
+            raise ValueError(
+                f"`injection_gate_init` must be a finite number or None, got {self.injection_gate_init!r}."
+            )
         if self.gumbel_temperature_final is not None and (
             isinstance(self.gumbel_temperature_final, bool)
             or not isinstance(self.gumbel_temperature_final, (int, float))

@@ -18,12 +18,17 @@ class DecisionMaker(nn.Module):
         num_sources: `S`, the number of candidate source layers.
         hidden_size: `d`, the width of the residual stream.
         init_std: standard deviation of the normal initialisation (the model's `initializer_range`).
+        gate_init: if set, a learned gate `g ∈ R^S` (float32) starting at this value for every layer: the chosen
+            activation is injected as `g_l e_l`. `None` (the paper): no gate, `e_l` as it is.
     """
 
-    def __init__(self, num_sources: int, hidden_size: int, init_std: float = 0.02) -> None:
+    def __init__(
+        self, num_sources: int, hidden_size: int, init_std: float = 0.02, gate_init: float | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_sources, hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, mean=0.0, std=init_std)
+        self.gate = None if gate_init is None else nn.Parameter(torch.full((num_sources,), float(gate_init)))
 
     @property
     def num_sources(self) -> int:
@@ -164,7 +169,7 @@ class ConnectionChoice:
         self._log_probabilities: torch.Tensor | None = None  # [B', S], gradients to the Decision Maker only
 
     def vectors_for(self, first_layer_input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """`c = Σ_l s_l e_l`: the `[B', d]` float32 vectors to inject.
+        """`c = Σ_l s_l g_l e_l`: the `[B', d]` float32 vectors to inject (`g_l = 1` without a gate).
 
         Args:
             first_layer_input: `[B', d]` `h_in`, the hidden state entering the first decoder layer at the anchors.
@@ -185,6 +190,9 @@ class ConnectionChoice:
         if self.scale_to_residual:
             target = residual.float().norm(dim=-1, keepdim=True).unsqueeze(1)  # [B', 1, 1]
             sources = sources / sources.norm(dim=-1, keepdim=True).clamp_min(1e-6) * target
+        gate = self.decision_maker.gate
+        if gate is not None:  # learns from every step, `learn` or not: how much to inject, not which layer
+            sources = sources * gate.float().unsqueeze(-1)
         return (choice.unsqueeze(-1) * sources).sum(dim=1)
 
     def score_function_loss(

@@ -65,8 +65,8 @@ class CCModel(LoraModel):
     """CC-Tuning (Cross-lingual Connection Tuning) on top of LoRA.
 
     Created by `peft.get_peft_model(model, CCConfig(...))` once `peft_cc` is imported. Next to LoRA it holds, per
-    adapter, the Decision Maker (`cc_decision_maker`, `S×d`, trained) and the Transform Matrix
-    (`cc_transform_matrix`, `d×d`, fitted after training, never trained by gradient).
+    adapter, the Decision Maker (`cc_decision_maker`, `S×d`, and with `injection_gate_init` a gate `S`, trained) and
+    the Transform Matrix (`cc_transform_matrix`, `d×d`, fitted after training, never trained by gradient).
 
     A forward call given the English prompt does one whole CC-Tuning step::
 
@@ -113,7 +113,10 @@ class CCModel(LoraModel):
         device = next(decoder.layers[0].parameters()).device
         text_config = self.model.config.get_text_config()
         decision_maker = DecisionMaker(
-            num_sources, decoder.hidden_size, init_std=getattr(text_config, "initializer_range", 0.02)
+            num_sources,
+            decoder.hidden_size,
+            init_std=getattr(text_config, "initializer_range", 0.02),
+            gate_init=config.injection_gate_init,
         )
         # PEFT creates adapter weights on the meta device when it loads with low_cpu_mem_usage=True.
         decision_maker = (

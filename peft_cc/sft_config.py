@@ -51,6 +51,9 @@ class CCSFTConfig(SFTConfig):
             Learning rate of the Decision Maker's weights, in their own optimizer parameter group (no weight decay;
             the same schedule as the other weights). `None` trains them with `learning_rate`, as the paper does. An
             optimizer passed to the trainer (`optimizers=`) is used as it is.
+        injection_gate_learning_rate (`float`, *optional*):
+            Learning rate of the Decision Maker's injection gate (`CCConfig.injection_gate_init`), in its own
+            parameter group (no weight decay, the same schedule). `None` trains it with the Decision Maker's rate.
         decision_maker_init_examples (`int`, *optional*, defaults to `64`):
             Number of training examples (the first batches of the training data) from which the trainer
             initialises the Decision Maker when the adapter has `decision_maker_init="english_variance"`.
@@ -101,6 +104,13 @@ class CCSFTConfig(SFTConfig):
             "used as it is."
         },
     )
+    injection_gate_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the Decision Maker's injection gate (`CCConfig.injection_gate_init`), in its "
+            "own parameter group (no weight decay, the same schedule). None uses the Decision Maker's rate."
+        },
+    )
     decision_maker_init_examples: int = field(
         default=64,
         metadata={
@@ -134,15 +144,10 @@ class CCSFTConfig(SFTConfig):
             raise ValueError(
                 f"`decision_maker_init_examples` must be an int >= 2, got {self.decision_maker_init_examples!r}."
             )
-        if self.decision_maker_learning_rate is not None and (
-            isinstance(self.decision_maker_learning_rate, bool)
-            or not isinstance(self.decision_maker_learning_rate, numbers.Real)
-            or not self.decision_maker_learning_rate > 0
-        ):
-            raise ValueError(
-                "`decision_maker_learning_rate` must be None or a number > 0, "
-                f"got {self.decision_maker_learning_rate!r}."
-            )
+        for name in ("decision_maker_learning_rate", "injection_gate_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
+                raise ValueError(f"`{name}` must be None or a number > 0, got {value!r}.")
         unsupported_batching(self)
 
 

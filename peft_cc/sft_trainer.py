@@ -44,7 +44,7 @@ from trl.trainer.utils import pad
 
 from .anchors import anchors_from_labels
 from .config import CCConfig
-from .model import CCCausalLMOutputWithPast, CCModel
+from .model import DECISION_MAKER_KEY, CCCausalLMOutputWithPast, CCModel
 from .model_card import add_model_card_section
 from .sft_config import CCSFTConfig, unsupported_batching
 from .transform_matrix import fit_transform_matrix
@@ -596,17 +596,28 @@ class CCSFTTrainer(SFTTrainer):
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The optimizer of [`~transformers.Trainer`], with the Decision Maker in a group of its own when
-        `decision_maker_learning_rate` is set (no weight decay; the scheduler scales it like the other groups)."""
+        `decision_maker_learning_rate` is set, and its injection gate in another when `injection_gate_learning_rate`
+        is (no weight decay; the scheduler scales them like the other groups)."""
         given = self.optimizer is not None  # passed by the user, or made before: left as it is
         optimizer = super().create_optimizer(model)
-        learning_rate = self.args.decision_maker_learning_rate
-        if given or learning_rate is None:
+        if given:
             return optimizer
-        decision_maker = {id(p) for n, p in (model or self.model).named_parameters() if "cc_decision_maker" in n}
-        moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in decision_maker]
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in decision_maker]
-        optimizer.add_param_group({"params": moved, "lr": learning_rate, "weight_decay": 0.0})
+        decision_maker_rate = self.args.decision_maker_learning_rate
+        named = list((model or self.model).named_parameters())
+        groups = (  # the gate last: it leaves the Decision Maker's group for its own
+            (decision_maker_rate, {id(p) for n, p in named if DECISION_MAKER_KEY in n}),
+            (
+                self.args.injection_gate_learning_rate,
+                {id(p) for n, p in named if DECISION_MAKER_KEY in n and n.endswith(".gate")},
+            ),
+        )
+        for learning_rate, selected in groups:
+            moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in selected]
+            if learning_rate is None or not moved:
+                continue
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in selected]
+            optimizer.add_param_group({"params": moved, "lr": learning_rate, "weight_decay": 0.0})
         return optimizer
 
     # ------------------------------------------------------------------------------------------------ the end

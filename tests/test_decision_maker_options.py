@@ -37,6 +37,7 @@ def test_defaults_are_the_paper_method():
     assert config.choice_balance_weight == 0.0
     assert config.soft_choice == "gumbel"
     assert config.decision_maker_start_fraction == 0.0
+    assert config.injection_gate_init is None
     assert [config.temperature_at(p) for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]
 
 
@@ -53,6 +54,8 @@ def test_defaults_are_the_paper_method():
         ("soft_choice", "mean"),
         ("decision_maker_start_fraction", 1.01),
         ("decision_maker_start_fraction", True),
+        ("injection_gate_init", float("nan")),
+        ("injection_gate_init", True),
     ],
 )
 def test_invalid_option_values_name_their_field(field, value):
@@ -111,6 +114,39 @@ def test_residual_norm_scaling_injects_a_vector_of_the_residual_norm():
         torch.zeros(3, 8), residual
     )
     torch.testing.assert_close(unscaled, sources[:, 0])
+
+
+def test_injection_gate_scales_each_layer_and_learns_before_the_choice_does():
+    decision_maker = DecisionMaker(num_sources=3, hidden_size=8, gate_init=0.5)
+    assert DecisionMaker(num_sources=3, hidden_size=8).gate is None  # the paper: no gate
+    sources = torch.randn(4, 3, 8)
+    choice = ConnectionChoice(decision_maker, sources, sample=True, learn=False)
+    vectors = choice.vectors_for(torch.randn(4, 8), torch.randn(4, 8))
+    chosen = choice.choice.argmax(dim=-1)
+    torch.testing.assert_close(vectors, 0.5 * sources[torch.arange(4), chosen])
+    vectors.sum().backward()
+    assert not decision_maker.weight.grad.any()  # the choice does not learn yet ...
+    expected = torch.zeros(3)  # ... the gate does: d(sum g_l e_l)/d g_l = sum e_l, for the chosen layers only
+    expected.index_add_(0, chosen, sources[torch.arange(4), chosen].sum(dim=-1))
+    torch.testing.assert_close(decision_maker.gate.grad, expected)
+
+
+def test_a_closed_gate_starts_as_lora_alone_and_opens_by_gradient(tmp_path):
+    model = make_cc_model("llama", train=False, injection_gate_init=0.0)
+    randomize_lora_b(model)
+    batch = _batch()
+    without_connection = {key: batch[key] for key in ("input_ids", "labels")}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, model(**without_connection).logits)
+    model.train()
+    model(**batch).loss.backward()
+    gate = cc_tuner(model).decision_maker().gate
+    assert gate.shape == (3,) and gate.grad.abs().sum() > 0
+    with torch.no_grad():
+        gate.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path)
+    torch.testing.assert_close(cc_tuner(loaded).decision_maker().gate, gate.detach())
 
 
 def test_residual_norm_scaling_changes_the_forward_but_not_the_prefix():

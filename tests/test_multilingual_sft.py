@@ -62,11 +62,18 @@ def test_seed_summary_pools_the_seeds_of_each_system(experiment):
 def test_cc_options_and_systems_are_parsed_and_checked(experiment, monkeypatch):
     options = '{"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}'
     argv = ["multilingual_sft.py", "--systems", "cc", "--cc-name", "cc-ev", "--cc-options", options]
+    argv += ["--cc-trainer-options", '{"injection_gate_learning_rate": 0.005}']
     monkeypatch.setattr("sys.argv", argv)
     args = experiment.parse_args()
     assert args.cc_options == {"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}
+    assert args.cc_trainer_options == {"injection_gate_learning_rate": 0.005}
     assert experiment._names(args.systems) == ["cc"] and args.cc_name == "cc-ev"
-    for wrong in (["--systems", "base,gpt"], ["--cc-options", "[1]"], ["--cc-options", "{not json"]):
+    for wrong in (
+        ["--systems", "base,gpt"],
+        ["--cc-options", "[1]"],
+        ["--cc-options", "{not json"],
+        ["--cc-trainer-options", "3"],
+    ):
         monkeypatch.setattr("sys.argv", ["multilingual_sft.py", *wrong])
         with pytest.raises(SystemExit):
             experiment.parse_args()

@@ -36,6 +36,7 @@ CC_FIELDS = (
     "transform_batch_size",
     "deterministic_gumbel_noise",
     "decision_maker_learning_rate",
+    "injection_gate_learning_rate",
     "decision_maker_init_examples",
 )
 BATCH_KEYS = {"input_ids", "attention_mask", "labels", "english_input_ids", "english_attention_mask"}
@@ -119,6 +120,7 @@ def test_config_has_the_cc_fields_with_help_and_paper_defaults(tmp_path):
         ({"transform_batch_size": 0}, "transform_batch_size"),
         ({"english_prompt_field": ""}, "english_prompt_field"),
         ({"decision_maker_learning_rate": 0.0}, "decision_maker_learning_rate"),
+        ({"injection_gate_learning_rate": True}, "injection_gate_learning_rate"),
         ({"decision_maker_init_examples": 1}, "decision_maker_init_examples"),
         ({"packing": True}, "packing"),
         ({"padding_free": True}, "padding_free"),
@@ -556,6 +558,28 @@ def test_decision_maker_learning_rate_is_its_own_scheduled_parameter_group(tmp_p
     assert others and all(group["initial_lr"] == trainer.args.learning_rate for group in others)
     lora = sum(len(group["params"]) for group in others)
     assert lora == sum(1 for name, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in name)
+
+
+def test_injection_gate_learning_rate_is_a_group_apart_from_the_decision_makers(tmp_path, tokenizer):
+    options = dict(max_steps=1, transform_pairs=0, peft_config=cc_config(injection_gate_init=0.0))
+    trainer = make_trainer(
+        tmp_path, tokenizer, decision_maker_learning_rate=0.05, injection_gate_learning_rate=0.2, **options
+    )
+    trainer.train()
+    decision_maker = trainer.cc_model.decision_maker()
+    rates = {
+        name: [group["initial_lr"] for group in trainer.optimizer.param_groups if any(p is q for q in group["params"])]
+        for name, p in (("weight", decision_maker.weight), ("gate", decision_maker.gate))
+    }
+    assert rates == {"weight": [0.05], "gate": [0.2]}
+    shared = make_trainer(tmp_path / "shared", tokenizer, decision_maker_learning_rate=0.05, **options)
+    shared.train()  # without its own rate, the gate learns at the Decision Maker's
+    group = next(
+        g
+        for g in shared.optimizer.param_groups
+        if any(p is shared.cc_model.decision_maker().gate for p in g["params"])
+    )
+    assert group["initial_lr"] == 0.05 and len(group["params"]) == 2
 
 
 def test_english_variance_init_runs_before_training_and_keeps_the_data_order(tmp_path, tokenizer):
