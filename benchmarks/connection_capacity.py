@@ -89,8 +89,10 @@ ARMS["variance_reinforce_residual_norm"] = ({**VARIANCE_REINFORCE, "injection_sc
 ARMS["variance_reinforce_gate"] = ({**VARIANCE_REINFORCE, "injection_gate_init": 0.0}, None)
 ARMS["variance_reinforce_gate_lr_2e-2"] = ARMS["variance_reinforce_gate"]
 ARMS["variance_reinforce_gate_open"] = ({**VARIANCE_REINFORCE, "injection_gate_init": 1.0}, None)
+ARMS["variance_reinforce_gate_0.03"] = ({**VARIANCE_REINFORCE, "injection_gate_init": 0.03}, None)
 GATE_LEARNING_RATES = {
     "variance_reinforce_gate": 5e-3,
+    "variance_reinforce_gate_0.03": 5e-3,
     "variance_reinforce_gate_lr_2e-2": 2e-2,
     "variance_reinforce_gate_open": 5e-2,
 }
