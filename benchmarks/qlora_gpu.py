@@ -26,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import bitsandbytes as bnb
+import peft
 import torch
+import transformers
 from parameter_counts import LLAMA_3_1_8B
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
@@ -125,8 +128,6 @@ def load_quantized(config: LlamaConfig, device: torch.device, checkpoint_dir: Pa
 def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if device.type == "cuda":
-        import bitsandbytes as bnb
-
         return bnb.optim.PagedAdamW8bit(parameters, lr=2e-4)
     return torch.optim.AdamW(parameters, lr=2e-4)  # paged 8-bit states need CUDA
 
@@ -227,7 +228,12 @@ def main() -> None:
     summary = {
         "config": "tiny" if args.tiny else "Llama-3.1-8B shape, random weights",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {"torch": torch.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bitsandbytes": bnb.__version__,
+        },
         "batch": f"{rows} rows x ({prompt} prompt + {response} response) tokens, English prompts {prompt} tokens",
         "load_seconds": round(load_seconds, 1),
         "after_load": loaded,
@@ -241,13 +247,6 @@ def main() -> None:
         summary["peak_memory_ratio"] = round(
             results["cc"]["peak_allocated_gib"] / results["plain_lora"]["peak_allocated_gib"], 4
         )
-    import bitsandbytes
-    import peft
-    import transformers
-
-    summary["versions"].update(
-        transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__
-    )
     text = json.dumps(summary, indent=1)
     print(text)
     if args.output:
