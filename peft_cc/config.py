@@ -263,11 +263,7 @@ class CCConfig(LoraConfig):
                 raise ValueError(f"`source_layers` must be a list of ints, got {self.source_layers!r}.")
             if len(set(self.source_layers)) != len(self.source_layers):
                 raise ValueError(f"`source_layers` must not repeat a layer, got {self.source_layers}.")
-        if (
-            isinstance(self.gumbel_temperature, bool)
-            or not isinstance(self.gumbel_temperature, (int, float))
-            or not self.gumbel_temperature > 0
-        ):
+        if not _is_number(self.gumbel_temperature) or not self.gumbel_temperature > 0:
             raise ValueError(f"`gumbel_temperature` must be a number > 0, got {self.gumbel_temperature!r}.")
         if not isinstance(self.english_gradients, bool):
             raise ValueError(f"`english_gradients` must be True or False, got {self.english_gradients!r}.")
@@ -279,17 +275,13 @@ class CCConfig(LoraConfig):
         if self.injection_scaling not in ("none", "residual_norm"):
             raise ValueError(f"`injection_scaling` must be 'none' or 'residual_norm', got {self.injection_scaling!r}.")
         if self.injection_gate_init is not None and (
-            isinstance(self.injection_gate_init, bool)
-            or not isinstance(self.injection_gate_init, (int, float))
-            or not math.isfinite(self.injection_gate_init)
+            not _is_number(self.injection_gate_init) or not math.isfinite(self.injection_gate_init)
         ):
             raise ValueError(
                 f"`injection_gate_init` must be a finite number or None, got {self.injection_gate_init!r}."
             )
         if self.gumbel_temperature_final is not None and (
-            isinstance(self.gumbel_temperature_final, bool)
-            or not isinstance(self.gumbel_temperature_final, (int, float))
-            or not self.gumbel_temperature_final > 0
+            not _is_number(self.gumbel_temperature_final) or not self.gumbel_temperature_final > 0
         ):
             raise ValueError(
                 f"`gumbel_temperature_final` must be a number > 0 or None, got {self.gumbel_temperature_final!r}."
@@ -358,3 +350,8 @@ class CCConfig(LoraConfig):
         """
         super().save_pretrained(save_directory, **kwargs)
         add_model_card_section(save_directory, self.source_layers, self.injection_layer)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, and not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
