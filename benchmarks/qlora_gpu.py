@@ -11,10 +11,12 @@ with `from_pretrained(quantization_config=...)`, the path users take; no weights
 
 One process, in this order: plain QLoRA (training steps, generation), then the LoRA layers are unloaded and the same
 quantized base gets a CC-Tuning adapter (training steps with and without `english_gradients`, generation with the
-shared prompt cache, a Transform Matrix fit). Each training variant reports the median step time (forward, backward,
-optimizer step) and the peak of torch's allocator over its steps; the ratios are CC-Tuning over plain QLoRA, measured
-on the same card in the same run. Paged optimizer states live in CUDA managed memory, outside torch's allocator:
-`device_used_gib` (the whole card's used memory, CUDA context included) shows them. Prints one JSON object.
+shared prompt cache, a Transform Matrix fit), and last a CC-Tuning adapter with the `variance_reinforce` Decision
+Maker (its English-variance initialisation, then training steps in its learning phase). Each training variant reports
+the median step time (forward, backward, optimizer step) and the peak of torch's allocator over its steps; the ratios
+are CC-Tuning over plain QLoRA, measured on the same card in the same run. Paged optimizer states live in CUDA
+managed memory, outside torch's allocator: `device_used_gib` (the whole card's used memory, CUDA context included)
+shows them. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from parameter_counts import LLAMA_3_1_8B
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-from peft_cc import CCConfig, fit_transform_matrix
+from peft_cc import DECISION_MAKER_PRESETS, CCConfig, fit_transform_matrix
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 TINY = LlamaConfig(
@@ -224,6 +226,22 @@ def main() -> None:
     fit_seconds = time.perf_counter() - start
     results["cc"]["generate_seconds"] = time_generation(cc, prompts, args)
 
+    # The `variance_reinforce` Decision Maker (docs/decision_maker.md): its English-variance initialisation over 64
+    # examples, then training steps in its learning phase, where the score-function term adds a per-row loss.
+    base = cc.unload()
+    del cc
+    reinforce = get_peft_model(base, CCConfig(**LORA, **DECISION_MAKER_PRESETS["variance_reinforce"]))
+    reinforce.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        reinforce.base_model.initialize_decision_maker([{**batch, **english}] * max(1, 64 // rows))
+    synchronize(device)
+    init_seconds = time.perf_counter() - start
+    reinforce.base_model.set_training_progress(0.5)
+    results["cc_variance_reinforce"] = time_training(reinforce, {**batch, **english}, args, memory)
+    results["cc_variance_reinforce"]["init_seconds"] = round(init_seconds, 2)
+
     plain_step = results["plain_lora"]["step_seconds"]
     summary = {
         "config": "tiny" if args.tiny else "Llama-3.1-8B shape, random weights",
@@ -239,6 +257,7 @@ def main() -> None:
         "after_load": loaded,
         "train_step_ratio": round(results["cc"]["step_seconds"] / plain_step, 4),
         "train_step_ratio_no_english_grad": round(results["cc_no_english_grad"]["step_seconds"] / plain_step, 4),
+        "train_step_ratio_variance_reinforce": round(results["cc_variance_reinforce"]["step_seconds"] / plain_step, 4),
         "generate_ratio": round(results["cc"]["generate_seconds"] / results["plain_lora"]["generate_seconds"], 4),
         "fit_seconds_per_pair": round(fit_seconds / args.fit_pairs, 4),
         **results,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "qlora_gpu.py"
-VARIANTS = ("plain_lora", "cc", "cc_no_english_grad")
+VARIANTS = ("plain_lora", "cc", "cc_no_english_grad", "cc_variance_reinforce")
 
 
 def run_benchmark(tmp_path: Path, *options: str) -> dict:
@@ -28,7 +28,8 @@ def test_benchmark_trains_all_variants_on_4bit_layers_on_the_cpu(tmp_path):
     assert result["device"] == "cpu" and result["versions"]["bitsandbytes"]
     for variant in VARIANTS:
         assert result[variant]["step_seconds"] > 0 and math.isfinite(result[variant]["loss"])
-    for ratio in ("train_step_ratio", "train_step_ratio_no_english_grad", "generate_ratio"):
+    ratios = ("train_step_ratio", "train_step_ratio_no_english_grad", "train_step_ratio_variance_reinforce")
+    for ratio in (*ratios, "generate_ratio"):
         assert math.isfinite(result[ratio]) and result[ratio] > 0
     assert (tmp_path / "base" / "model.safetensors").exists()  # the random checkpoint, which a next run reuses
 
