@@ -17,6 +17,7 @@ It writes the layer-choice statistics of the training logs to `<output-dir>/laye
     python examples/train_cc.py --model Qwen/Qwen2.5-0.5B-Instruct --languages de,fr --steps 200
     python examples/train_cc.py --dataset my_parallel.jsonl --prompt-column instruction \
         --english-column instruction_en --completion-column output      # any parallel dataset
+    python examples/train_cc.py --decision-maker variance_reinforce_gated   # the recommended Decision Maker
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from peft_cc import CCConfig, CCSFTConfig, CCSFTTrainer
+from peft_cc import DECISION_MAKER_PRESETS, CCConfig, CCSFTConfig, CCSFTTrainer
 from peft_cc.anchors import anchors_from_labels
 from peft_cc.packaged_models import resolve_model_path
 
@@ -78,6 +79,13 @@ def parse_args() -> argparse.Namespace:
     training.add_argument("--lora-r", type=int, default=16)
     training.add_argument("--max-length", type=int, default=256)
     training.add_argument("--no-english-gradients", action="store_true", help="run the English pass without autograd")
+    training.add_argument(
+        "--decision-maker",
+        default="paper",
+        choices=list(DECISION_MAKER_PRESETS),
+        help="Decision Maker preset (docs/decision_maker.md): the paper's method, or the recommended "
+        "variance_reinforce_gated",
+    )
     training.add_argument(
         "--transform-pairs", type=int, default=300, help="training pairs for the Transform Matrix (the paper: 1000)"
     )
@@ -302,6 +310,7 @@ def main() -> None:
         lora_dropout=0.0,
         target_modules="all-linear",
         english_gradients=not args.no_english_gradients,
+        **DECISION_MAKER_PRESETS[args.decision_maker],
     )
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     trainer = CCSFTTrainer(

@@ -63,7 +63,8 @@ class CCSFTConfig(SFTConfig):
         log_layer_frequencies (`bool`, *optional*, defaults to `True`):
             Whether training logs hold, next to the summary of the layer choice (`cc/choice_entropy`,
             `cc/most_chosen_layer`, ...), one key `cc/layer_frequency/<layer>` per candidate source layer: the fraction
-            of the connected rows since the previous log whose Decision Maker chose that layer.
+            of the connected rows since the previous log whose Decision Maker chose that layer (and, with
+            `injection_gate_init`, one key `cc/injection_gate/<layer>`: that layer's learned gate).
     """
 
     english_prompt_field: str = field(
@@ -122,7 +123,8 @@ class CCSFTConfig(SFTConfig):
         default=True,
         metadata={
             "help": "Whether training logs hold one key `cc/layer_frequency/<layer>` per candidate source layer (the "
-            "fraction of connected rows whose Decision Maker chose it since the previous log)."
+            "fraction of connected rows whose Decision Maker chose it since the previous log) and, with "
+            "`injection_gate_init`, one key `cc/injection_gate/<layer>` (its learned gate)."
         },
     )
 

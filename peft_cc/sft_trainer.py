@@ -146,6 +146,12 @@ class DataCollatorForCCLanguageModeling(DataCollatorForLanguageModeling):
         return output
 
 
+def _per_layer_logs(name: str, values: dict[int, float]) -> dict[str, float]:
+    """`cc/<name>/<layer>` for each layer's value, the layer zero-padded to the widest (`07`) so that the keys sort."""
+    width = len(str(max(values)))
+    return {f"{LOG_PREFIX}{name}/{layer:0{width}d}": value for layer, value in values.items()}
+
+
 class _ConnectionStatistics:
     """Per-log-window counts of the Decision Maker's choices, summed over processes.
 
@@ -188,9 +194,7 @@ class _ConnectionStatistics:
             logs[f"{LOG_PREFIX}most_chosen_layer"] = self.source_layers[most]
             logs[f"{LOG_PREFIX}most_chosen_frequency"] = float(frequency[most])
             if per_layer:
-                width = len(str(max(self.source_layers)))
-                for layer, value in zip(self.source_layers, frequency.tolist()):
-                    logs[f"{LOG_PREFIX}layer_frequency/{layer:0{width}d}"] = value
+                logs.update(_per_layer_logs("layer_frequency", dict(zip(self.source_layers, frequency.tolist()))))
         self.counts.zero_()
         return logs
 
@@ -233,7 +237,9 @@ class CCSFTTrainer(SFTTrainer):
       `ln S`: uniform over the `S` candidates);
     - `cc/decision_entropy`: mean entropy (nats) of the Decision Maker's softmax per row (how sure it is of each row's
       choice; the Gumbel sample follows this distribution);
-    - `cc/most_chosen_layer`, `cc/most_chosen_frequency`, and `cc/layer_frequency/<layer>` for every candidate.
+    - `cc/most_chosen_layer`, `cc/most_chosen_frequency`, and `cc/layer_frequency/<layer>` for every candidate;
+    - with `injection_gate_init`: `cc/most_chosen_gate`, the learned gate of the most chosen layer, and
+      `cc/injection_gate/<layer>` for every candidate.
 
     Args:
         model (`str` or [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
@@ -592,7 +598,20 @@ class CCSFTTrainer(SFTTrainer):
                 logs[f"{LOG_PREFIX}gumbel_temperature"] = config.temperature_at(progress)
             if config.soft_choice_fraction > 0:
                 logs[f"{LOG_PREFIX}soft_choice"] = float(progress < config.soft_choice_fraction)
+            logs.update(self._injection_gate_logs(logs.get(f"{LOG_PREFIX}most_chosen_layer")))
         super().log(logs, start_time)
+
+    def _injection_gate_logs(self, most_chosen_layer: int | None) -> dict[str, float]:
+        """`cc/most_chosen_gate` (the gate of the window's most chosen layer) and, with `log_layer_frequencies`,
+        `cc/injection_gate/<layer>` for every candidate; nothing without `injection_gate_init`."""
+        gate = self.cc_model.decision_maker().gate
+        if gate is None:
+            return {}
+        values = dict(zip(self.cc_model.source_layers(), gate.detach().float().tolist()))
+        logs = {} if most_chosen_layer is None else {f"{LOG_PREFIX}most_chosen_gate": values[most_chosen_layer]}
+        if self.args.log_layer_frequencies:
+            logs.update(_per_layer_logs("injection_gate", values))
+        return logs
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The optimizer of [`~transformers.Trainer`], with the Decision Maker in a group of its own when

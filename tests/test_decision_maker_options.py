@@ -365,6 +365,12 @@ def test_score_function_trains_lora_like_a_frozen_choice_and_only_then_the_decis
 
 def test_presets_are_valid_and_the_paper_preset_is_the_default():
     assert CCConfig(**DECISION_MAKER_PRESETS["paper"]) == CCConfig()
-    preset, paper = CCConfig(**DECISION_MAKER_PRESETS["variance_reinforce"]), CCConfig()
-    for field, value in DECISION_MAKER_PRESETS["variance_reinforce"].items():
-        assert getattr(preset, field) == value != getattr(paper, field)
+    paper = CCConfig()
+    for name in ("variance_reinforce", "variance_reinforce_gated"):
+        preset = CCConfig(**DECISION_MAKER_PRESETS[name])
+        for field, value in DECISION_MAKER_PRESETS[name].items():
+            assert getattr(preset, field) == value != getattr(paper, field)
+    gated = DECISION_MAKER_PRESETS["variance_reinforce_gated"]
+    assert {**DECISION_MAKER_PRESETS["variance_reinforce"], "injection_gate_init": 0.3} == gated
+    with pytest.raises(TypeError):
+        DECISION_MAKER_PRESETS["variance_reinforce"]["injection_gate_init"] = 0.0  # read-only: the presets are shared

@@ -416,6 +416,7 @@ def test_training_logs_the_layer_choice(trained):
         assert {"entropy", "mean_token_accuracy", "num_tokens"} <= set(entry)
     # Every row is seen once; the one whose English prompt was too long is the only unconnected one.
     assert sum(entry["cc/unconnected_rows"] for entry in logs) == 1
+    assert not any("gate" in key for entry in logs for key in entry)  # no injection gate in this adapter
 
 
 def test_evaluation_logs_no_layer_choice(trained):
@@ -580,6 +581,24 @@ def test_injection_gate_learning_rate_is_a_group_apart_from_the_decision_makers(
         if any(p is shared.cc_model.decision_maker().gate for p in g["params"])
     )
     assert group["initial_lr"] == 0.05 and len(group["params"]) == 2
+
+
+def test_training_logs_the_injection_gates(tmp_path, tokenizer):
+    config = cc_config(injection_gate_init=0.0)
+    trainer = make_trainer(
+        tmp_path, tokenizer, peft_config=config, max_steps=2, logging_steps=1, injection_gate_learning_rate=0.2
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == 2
+    sources = trainer.cc_model.source_layers()
+    for entry in logs:
+        gates = {layer: entry[f"cc/injection_gate/{layer}"] for layer in sources}
+        assert entry["cc/most_chosen_gate"] == gates[entry["cc/most_chosen_layer"]]
+    # Each log holds the gates after its step: the last ones are the adapter's, and they moved from 0.
+    final = trainer.cc_model.decision_maker().gate.tolist()
+    assert [logs[-1][f"cc/injection_gate/{layer}"] for layer in sources] == final
+    assert any(value != 0.0 for value in final)
 
 
 def test_english_variance_init_runs_before_training_and_keeps_the_data_order(tmp_path, tokenizer):
