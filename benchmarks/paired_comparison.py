@@ -40,7 +40,10 @@ def parse_system(text: str) -> tuple[str, list[dict]]:
     path, _, prefix = location.partition(":")
     if not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"{path} is not a file (in {text!r}).")
-    systems = json.loads(Path(path).read_text())["systems"]
+    report = json.loads(Path(path).read_text())
+    if not isinstance(report, dict) or "systems" not in report:
+        raise argparse.ArgumentTypeError(f"{path} is not an evaluator report (no 'systems'; see docs/evaluation.md).")
+    systems = report["systems"]
     seeds = [results for key, results in systems.items() if key.startswith(prefix)]
     if not seeds:
         raise argparse.ArgumentTypeError(f"No system of {path} starts with {prefix!r}; it has {sorted(systems)}.")

@@ -67,6 +67,9 @@ def test_bad_systems_are_refused_with_what_is_there(tmp_path, paired):
         paired.parse_system(f"cc={report}:cc-")
     with pytest.raises(Exception, match="NAME=RESULTS_JSON"):
         paired.parse_system(report)
+    (tmp_path / "other.json").write_text(json.dumps({"steps": 120}))
+    with pytest.raises(Exception, match="not an evaluator report"):
+        paired.parse_system(f"x={tmp_path / 'other.json'}")
     uneven = write_report(
         tmp_path / "uneven.json",
         {"a": system({"de": [1.0, 2.0]}, [1, 0]), "b": system({"de": [1.0]}, [1, 0])},
