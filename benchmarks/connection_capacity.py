@@ -141,10 +141,11 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
             first = itertools.islice(training_batches(tokenizer, args.batch_size), max(1, 64 // args.batch_size))
             model.base_model.initialize_decision_maker(first)
     select = without_english if options is None else (lambda batch: batch)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    gate = [p for n, p in trainable if "cc_decision_maker" in n and n.endswith(".gate")]
-    decision_maker = [p for n, p in trainable if "cc_decision_maker" in n and not n.endswith(".gate")]
-    groups = [{"params": [p for n, p in trainable if "cc_decision_maker" not in n]}]
+    module = model.base_model.decision_maker() if options is not None else None
+    decision_maker = [module.weight] if module is not None else []
+    gate = [module.gate] if module is not None and module.gate is not None else []
+    connection = {id(p) for p in decision_maker + gate}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in connection]}]
     if decision_maker:
         groups.append({"params": decision_maker, "lr": decision_maker_lr or args.learning_rate})
     if gate:

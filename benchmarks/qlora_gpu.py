@@ -26,6 +26,8 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -101,6 +103,22 @@ class Memory:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def seconds_of(work: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of `work()`, with the device's queued kernels finished before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    work()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def checkpointed_peft_model(base: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
+    """`get_peft_model(base, config)` with non-reentrant gradient checkpointing, as the example trains."""
+    model = get_peft_model(base, config)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def load_quantized(config: LlamaConfig, device: torch.device, checkpoint_dir: Path) -> torch.nn.Module:
@@ -206,38 +224,31 @@ def main() -> None:
     english = {name: tensor.to(device) for name, tensor in english.items()}
     prompts = input_ids[:, :prompt].to(device)
 
-    plain = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
-    plain.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    plain = checkpointed_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
     results = {"plain_lora": time_training(plain, batch, args, memory)}
     results["plain_lora"]["generate_seconds"] = time_generation(plain, prompts, args)
 
     base = plain.unload()  # the same quantized weights, without LoRA layers
     del plain
-    cc = get_peft_model(base, CCConfig(**LORA))
-    cc.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    cc = checkpointed_peft_model(base, CCConfig(**LORA))
     results["cc"] = time_training(cc, {**batch, **english}, args, memory)
     cc.peft_config["default"].english_gradients = False
     results["cc_no_english_grad"] = time_training(cc, {**batch, **english}, args, memory)
     pairs = [(prompts[index % rows].tolist(), english_ids[index % rows].tolist()) for index in range(args.fit_pairs)]
-    synchronize(device)
-    start = time.perf_counter()
-    fit_transform_matrix(cc, pairs, batch_size=8, show_progress=False)
-    synchronize(device)
-    fit_seconds = time.perf_counter() - start
+    fit_seconds = seconds_of(partial(fit_transform_matrix, cc, pairs, batch_size=8, show_progress=False), device)
     results["cc"]["generate_seconds"] = time_generation(cc, prompts, args)
 
     # The `variance_reinforce` Decision Maker (docs/decision_maker.md): its English-variance initialisation over 64
     # examples, then training steps in its learning phase, where the score-function term adds a per-row loss.
     base = cc.unload()
     del cc
-    reinforce = get_peft_model(base, CCConfig(**LORA, **DECISION_MAKER_PRESETS["variance_reinforce"]))
-    reinforce.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        reinforce.base_model.initialize_decision_maker([{**batch, **english}] * max(1, 64 // rows))
-    synchronize(device)
-    init_seconds = time.perf_counter() - start
+    reinforce = checkpointed_peft_model(base, CCConfig(**LORA, **DECISION_MAKER_PRESETS["variance_reinforce"]))
+
+    def initialize() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            reinforce.base_model.initialize_decision_maker([{**batch, **english}] * max(1, 64 // rows))
+
+    init_seconds = seconds_of(initialize, device)
     reinforce.base_model.set_training_progress(0.5)
     results["cc_variance_reinforce"] = time_training(reinforce, {**batch, **english}, args, memory)
     results["cc_variance_reinforce"]["init_seconds"] = round(init_seconds, 2)
