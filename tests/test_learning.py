@@ -36,6 +36,8 @@ def _train_and_evaluate(model, tokenizer, use_connection: bool) -> float:
         return model(**select(heldout_batch(tokenizer))).loss.item()
 
 
+# A hang guard, not a speed check: ~90 s on 2 idle cores, several times that on a loaded machine.
+@pytest.mark.timeout(1800)
 def test_connection_carries_what_only_the_english_prompt_knows(smollm2_dir, smollm2_tokenizer):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
