@@ -6,8 +6,19 @@ seeded batches and reports the held-out loss (every `--eval-every` steps, with t
 record how the layer choice evolves (in each window of steps: the entropy of the choices, the most chosen layer and
 its share; a soft mixture counts each layer by its weight). Prints one JSON object and writes a plot.
 
-    python benchmarks/connection_capacity.py                          # every arm, 120 steps
+    python benchmarks/connection_capacity.py                          # every named arm, 120 steps
     python benchmarks/connection_capacity.py --arms lora_alone,forced_last,paper_default --steps 60
+
+Informativeness profile: `forced_<L>` forces the source to layer L (any L; negative counts from the end), and
+`--arms profile` runs every third layer and the last four:
+
+    python benchmarks/connection_capacity.py --arms profile --steps 60 --output-dir outputs/capacity_profile
+
+Candidates: `--source-layers 0-25` (ranges and single layers, comma-separated; negative counts from the end) restricts
+the source layers of every arm that does not force one, e.g. to leave out the last layers, which are both the
+informative ones and those the English-variance start favours:
+
+    python benchmarks/connection_capacity.py --arms paper_default,recommended --source-layers 0-25 --seed 1
 """
 
 from __future__ import annotations
@@ -16,13 +27,14 @@ import argparse
 import itertools
 import json
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peft_cc import DECISION_MAKER_PRESETS, CCConfig
 from peft_cc.capacity_task import heldout_batch, training_batches, without_english
@@ -106,12 +118,56 @@ GATE_LEARNING_RATES = {
 # The setting docs/decision_maker.md recommends (not the default, which is the paper's method: see there); its gate
 # learns at the Decision Maker's rate, as in CCSFTTrainer by default.
 ARMS["recommended"] = ARMS["variance_reinforce_gate_0.3"]
+FORCED = re.compile(r"forced_(-?\d+)")
+
+
+def arm_settings(name: str) -> tuple[dict | None, float | None]:
+    """The (CCConfig options, Decision Maker learning rate) of a named arm or of `forced_<L>` (source layer L)."""
+    if name in ARMS:
+        return ARMS[name]
+    forced = FORCED.fullmatch(name)
+    if forced is None:
+        raise KeyError(name)
+    return {"source_layers": [int(forced.group(1))]}, None
+
+
+def profile_arms(num_layers: int) -> list[str]:
+    """`forced_<L>` for every third layer and the last four, in layer order."""
+    layers = sorted({*range(0, num_layers, 3), *range(max(0, num_layers - 4), num_layers)})
+    return [f"forced_{layer}" for layer in layers]
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'0-25' or '0-9,20,-1' -> sorted layer indices (negative ones count from the end); refuses out-of-range ones."""
+    layers = set()
+    for part in text.split(","):
+        bounds = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
+        if bounds is None:
+            raise ValueError(f"--source-layers: {part!r} is not a layer or a range such as 0-25")
+        first, last = (
+            int(bound) % num_layers if int(bound) < 0 else int(bound) for bound in (bounds[1], bounds[2] or bounds[1])
+        )
+        if not 0 <= first <= last < num_layers:
+            raise ValueError(
+                f"--source-layers: {part.strip()!r} is outside the model's {num_layers} layers 0-{num_layers - 1}"
+            )
+        layers.update(range(first, last + 1))
+    return sorted(layers)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    parser.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help=f"comma-separated, from: {', '.join(ARMS)}; forced_<L> for any layer L; profile",
+    )
+    parser.add_argument(
+        "--source-layers",
+        default=None,
+        help="candidate layers of every arm that does not force one, e.g. 0-25 (default: all layers)",
+    )
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
@@ -128,18 +184,21 @@ def entropy(counts: Counter) -> float:
     return -sum(n / total * math.log(n / total) for n in counts.values() if n) if total else 0.0
 
 
-def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
-    options, decision_maker_lr = ARMS[name]
+def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidates: list[int] | None) -> dict:
+    options, decision_maker_lr = arm_settings(name)
+    variance_share = None
     torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if options is None:
         model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
     else:
+        if candidates is not None and "source_layers" not in options:
+            options = {**options, "source_layers": candidates}
         model = get_peft_model(base, CCConfig(**LORA, **options))
         if model.base_model.needs_decision_maker_initialization():
             # From the first batches of the run, as CCSFTTrainer does (its default: 64 examples).
             first = itertools.islice(training_batches(tokenizer, args.batch_size), max(1, 64 // args.batch_size))
-            model.base_model.initialize_decision_maker(first)
+            variance_share = model.base_model.initialize_decision_maker(first)
     select = without_english if options is None else (lambda batch: batch)
     module = model.base_model.decision_maker() if options is not None else None
     decision_maker = [module.weight] if module is not None else []
@@ -188,7 +247,10 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace) -> dict:
         "heldout_curve": heldout_curve,
         "seconds": time.perf_counter() - start,
         "windows": windows,
+        "source_layers": sources,
     }
+    if variance_share is not None:  # each candidate's share of the English activations' variance (the start)
+        result["english_variance_share"] = dict(zip(sources, variance_share.tolist()))
     if gate:  # the learned injection gate of each candidate layer at the end
         result["injection_gate"] = dict(zip(sources, gate[0].tolist()))
     return result
@@ -203,7 +265,8 @@ def heldout_loss(model, select, tokenizer) -> float:
     return loss
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a message) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -211,6 +274,13 @@ def plot(results: dict[str, dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     figure, (curve, left, right) = plt.subplots(1, 3, figsize=(17, 4.5))
     for index, (name, result) in enumerate(results.items()):
@@ -232,19 +302,61 @@ def plot(results: dict[str, dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_profile(forced: dict[int, dict], args: argparse.Namespace, path: Path) -> None:
+    """Held-out loss after training with the source forced to each layer (the informativeness profile)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    layers = sorted(forced)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(layers, [forced[layer]["heldout_loss"] for layer in layers], marker="o")
+    axis.axhline(0.1, color="grey", linestyle=":", label="goal: 0.1")
+    axis.set(
+        xlabel="forced source layer",
+        ylabel=f"held-out loss at step {args.steps} (nats)",
+        title=f"Informativeness profile (seed {args.seed})",
+        yscale="log",
+    )
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     args = parse_args()
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    names = [name.strip() for name in args.arms.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(ARMS))
+    num_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    names = []
+    for name in (name.strip() for name in args.arms.split(",")):
+        names.extend(profile_arms(num_layers) if name == "profile" else [name] if name else [])
+    unknown = []
+    for name in names:
+        try:
+            options = arm_settings(name)[0] or {}
+            CCConfig(**LORA, **options).resolve_source_layers(num_layers)
+        except (KeyError, ValueError) as error:
+            unknown.append(f"{name} ({error})" if isinstance(error, ValueError) else name)
     if unknown:
-        raise SystemExit(f"Unknown arms {unknown}; choose from {list(ARMS)}.")
-    results = {name: run_arm(name, path, tokenizer, args) for name in names}
+        raise SystemExit(
+            f"Unknown arms {unknown}; choose from {list(ARMS)}, forced_<L> with 0 <= L < {num_layers}, profile."
+        )
+    try:
+        candidates = None if args.source_layers is None else parse_layers(args.source_layers, num_layers)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    results = {name: run_arm(name, path, tokenizer, args, candidates) for name in names}
     output_dir = Path(args.output_dir or f"outputs/connection_capacity/seed{args.seed}")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, output_dir / "layer_choice.png")
+    forced = {
+        int(FORCED.fullmatch(name).group(1)) % num_layers: result
+        for name, result in results.items()
+        if FORCED.fullmatch(name)
+    }
+    if len(forced) > 1:
+        plot_profile(forced, args, output_dir / "profile.png")
     summary = {name: round(result["heldout_loss"], 4) for name, result in results.items()}
     print(json.dumps({"steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed, **summary}))
 

@@ -1,0 +1,108 @@
+"""benchmarks/connection_capacity.py: forced-layer arms, the informativeness profile and restricted candidates.
+
+The mechanics run on a tiny random Llama with SmolLM2's tokenizer and chat template (the capacity task's prompts need a
+chat template); what the arms learn on the real model is measured in docs/decision_maker.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO_ROOT
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SCRIPT = REPO_ROOT / "benchmarks" / "connection_capacity.py"
+NUM_LAYERS = 7
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 7-layer random Llama (d=32) saved with SmolLM2's tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny-capacity")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("connection_capacity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(benchmark, monkeypatch, checkpoint: Path, output_dir: Path, *options: str) -> None:
+    common = ["--steps", "2", "--batch-size", "2", "--window", "1", "--eval-every", "2"]
+    arguments = [str(SCRIPT), "--model", str(checkpoint), "--output-dir", str(output_dir), *common, *options]
+    monkeypatch.setattr(sys, "argv", arguments)
+    benchmark.main()
+
+
+def test_profile_arms_are_every_third_layer_and_the_last_four(benchmark):
+    assert benchmark.profile_arms(30) == [
+        f"forced_{layer}" for layer in (0, 3, 6, 9, 12, 15, 18, 21, 24, 26, 27, 28, 29)
+    ]
+    assert benchmark.profile_arms(3) == ["forced_0", "forced_1", "forced_2"]
+
+
+def test_source_layer_lists_parse_ranges_and_negative_layers_and_refuse_others(benchmark):
+    parse = benchmark.parse_layers
+    assert parse("0-3", 30) == [0, 1, 2, 3]
+    assert parse("0-2, 10, -1", 30) == [0, 1, 2, 10, 29]
+    assert parse("-4--1", 30) == [26, 27, 28, 29]
+    for bad in ("0-30", "5-2", "a", "1-", ""):
+        with pytest.raises(ValueError, match="--source-layers"):
+            parse(bad, 30)
+
+
+def test_forced_arms_use_their_layer_and_candidates_restrict_the_other_arms(
+    benchmark, monkeypatch, tiny_checkpoint, tmp_path
+):
+    arms = "profile,forced_-1,recommended,paper_default"
+    _run(benchmark, monkeypatch, tiny_checkpoint, tmp_path, "--arms", arms, "--source-layers", "0-2,5")
+    results = json.loads((tmp_path / "results.json").read_text())
+    forced = ["forced_0", "forced_3", "forced_4", "forced_5", "forced_6", "forced_-1"]
+    assert list(results) == [*forced, "recommended", "paper_default"]
+    for name in forced:
+        layer = int(name.removeprefix("forced_")) % NUM_LAYERS
+        assert results[name]["source_layers"] == [layer]
+        assert {window["most_chosen_layer"] for window in results[name]["windows"]} == {layer}
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    assert results["recommended"]["source_layers"] == results["paper_default"]["source_layers"] == [0, 1, 2, 5]
+    share = results["recommended"]["english_variance_share"]
+    assert list(share) == ["0", "1", "2", "5"] and sum(share.values()) == pytest.approx(1.0, rel=1e-5)
+    for window in results["recommended"]["windows"] + results["paper_default"]["windows"]:
+        assert window["most_chosen_layer"] in (0, 1, 2, 5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--arms", "forced_7"], "outside the model's 7 decoder layers"),
+        (["--arms", "no_such_arm"], "Unknown arms"),
+        (["--arms", "paper_default", "--source-layers", "0-9"], "outside the model's 7 layers"),
+    ],
+)
+def test_bad_arms_and_candidates_are_refused_before_training(
+    benchmark, monkeypatch, tiny_checkpoint, tmp_path, options, message
+):
+    with pytest.raises(SystemExit, match=message):
+        _run(benchmark, monkeypatch, tiny_checkpoint, tmp_path, *options)
+    assert not (tmp_path / "results.json").exists()
