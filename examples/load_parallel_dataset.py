@@ -19,6 +19,8 @@ parallel instruction data into that form:
     python examples/load_parallel_dataset.py                                   # demo of every layout
     python examples/load_parallel_dataset.py --data my.jsonl \
         --prompt-column instruction --english-column instruction_en --completion-column output
+    python examples/load_parallel_dataset.py --benchmark MKQA --skip-items 100 \
+        --save-to outputs/mkqa_train.jsonl        # the main job's training pairs, for `peft-cc sft`
 """
 
 from __future__ import annotations
@@ -29,24 +31,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
+from peft_cc.cli import load_any
 from peft_cc.parallel_data import load_parallel_items
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "benchmarks"
-
-
-def load_any(source: str, split: str = "train") -> Dataset:
-    """A `Dataset` from a local file (`.json`, `.jsonl`, `.csv`, `.parquet`, `.arrow`), a folder saved with
-    `save_to_disk`, or a Hub dataset id (`load_dataset(source, split=split)`)."""
-    path = Path(source)
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-    if path.is_file() and path.suffix in builders:
-        return load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    if path.is_dir() and (path / "dataset_info.json").is_file():
-        return Dataset.load_from_disk(str(path))
-    return load_dataset(source, split=split)
 
 
 def _messages(role: str, content: str, system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -239,20 +230,34 @@ def main() -> None:
     parser.add_argument("--english-column", default="instruction_en")
     parser.add_argument("--completion-column", default="output")
     parser.add_argument("--plain", action="store_true", help="plain strings instead of chat messages")
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="benchmark layout for the demo")
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="root of the benchmark layout")
+    parser.add_argument("--benchmark", help="instead of --data: this benchmark of the layout under --data-root")
+    parser.add_argument("--languages", default="de,ja,pt,ru,zh", help="with --benchmark: comma-separated languages")
+    parser.add_argument("--skip-items", type=int, default=0, help="with --benchmark: leave out the first N items")
+    parser.add_argument("--save-to", help="write the rows to this .jsonl file (for `peft-cc sft --dataset_name`)")
     args = parser.parse_args()
-    if args.data is None:
+    if args.benchmark:
+        languages = [language.strip() for language in args.languages.split(",") if language.strip()]
+        dataset = from_benchmark_layout(
+            args.data_root, args.benchmark, languages, skip_items=args.skip_items, conversational=not args.plain
+        )
+    elif args.data:
+        dataset = from_columns(
+            load_any(args.data, args.split),
+            args.prompt_column,
+            args.english_column,
+            args.completion_column,
+            conversational=not args.plain,
+        )
+    else:
         _demo(Path(args.data_root))
         return
-    dataset = from_columns(
-        load_any(args.data, args.split),
-        args.prompt_column,
-        args.english_column,
-        args.completion_column,
-        conversational=not args.plain,
-    )
     print(dataset)
     print(json.dumps(dataset[0], ensure_ascii=False))
+    if args.save_to:
+        Path(args.save_to).parent.mkdir(parents=True, exist_ok=True)
+        dataset.to_json(args.save_to, force_ascii=False)
+        print(f"{len(dataset)} rows written to {args.save_to}")
 
 
 if __name__ == "__main__":

@@ -279,7 +279,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train, evaluation, generation = build_datasets(args)
+    try:
+        train, evaluation, generation = build_datasets(args)
+    except FileNotFoundError as error:  # no benchmark data: say what is needed, without a traceback
+        raise SystemExit(f"error: {error}") from None
     print(
         f"{len(train)} training pairs, {len(evaluation)} held-out pairs for the loss, {len(generation)} for generation"
     )

@@ -46,6 +46,18 @@ class ParallelItem:
         return self.answer[0] if self.answer else ""
 
 
+def check_data_root(data_root: str | os.PathLike) -> None:
+    """Raise a `FileNotFoundError` that says what data is expected, and where, if `data_root` is not a folder."""
+    if not Path(data_root).is_dir():
+        raise FileNotFoundError(
+            f"The benchmark data root {data_root} is not a folder. It should hold the multilingual benchmark samples "
+            "in the layout <root>/<Benchmark>/prompts/<lang>.jsonl and answers/<lang>.jsonl (English prompts in "
+            "prompts/en.jsonl, line by line parallel); a clone of peft-cc expects them in ../shared/data/benchmarks. "
+            "Point to your copy with --data-root (or $PEFT_CC_BENCHMARKS for the evaluator), or train on your own "
+            "parallel data instead (--dataset with examples/train_cc.py, --dataset_name with `peft-cc sft`)."
+        )
+
+
 def _read_jsonl(path: Path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"Missing benchmark file {path}.")
@@ -63,6 +75,7 @@ def _prompts(path: Path) -> list[str]:
 
 def available_languages(data_root: str | os.PathLike, benchmark: str) -> list[str]:
     """The language codes that have prompts for `benchmark` under `data_root`, sorted."""
+    check_data_root(data_root)
     folder = Path(data_root) / benchmark / "prompts"
     if not folder.is_dir():
         raise FileNotFoundError(f"No benchmark {benchmark!r} under {data_root} (expected the folder {folder}).")
@@ -73,9 +86,10 @@ def load_parallel_items(data_root: str | os.PathLike, benchmark: str, language: 
     """All items of `benchmark` in `language`, each with its English prompt and gold answer.
 
     Raises:
-        FileNotFoundError: a file of the layout is missing.
+        FileNotFoundError: `data_root` or a file of the layout is missing.
         ValueError: the files of the item do not have the same number of lines, or a line is malformed.
     """
+    check_data_root(data_root)
     folder = Path(data_root) / benchmark
     prompts = _prompts(folder / "prompts" / f"{language}.jsonl")
     answers = _read_jsonl(folder / "answers" / f"{language}.jsonl")
