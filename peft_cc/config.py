@@ -10,7 +10,6 @@ from typing import Any
 
 from peft import LoraConfig
 
-from .model_card import add_model_card_section
 from .registration import PEFT_TYPE_NAME, _add_peft_type_member
 
 DECISION_MAKER_INITS = ("normal", "zeros", "english_variance")
@@ -344,16 +343,6 @@ class CCConfig(LoraConfig):
         if len(set(resolved)) != len(resolved):
             raise ValueError(f"`source_layers` {self.source_layers} names a layer twice for {num_layers} layers.")
         return resolved
-
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save `adapter_config.json`, and state in the adapter's model card that it needs `import peft_cc`.
-
-        `PeftModel.save_pretrained` writes the model card (`README.md`) before the configuration, so the CC-Tuning
-        section is appended here, once, to the card PEFT wrote. (`push_to_hub` replaces that card with the Hub's
-        own; :mod:`peft_cc.registration` adds the section to that one.)
-        """
-        super().save_pretrained(save_directory, **kwargs)
-        add_model_card_section(save_directory, self.source_layers, self.injection_layer)
 
 
 def _is_number(value: Any) -> bool:

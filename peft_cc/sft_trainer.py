@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import random
 import textwrap
 import warnings
@@ -45,7 +46,7 @@ from trl.trainer.utils import pad
 from .anchors import anchors_from_labels
 from .config import CCConfig
 from .model import DECISION_MAKER_KEY, CCCausalLMOutputWithPast, CCModel
-from .model_card import add_model_card_section
+from .model_card import write_model_card
 from .sft_config import CCSFTConfig, unsupported_batching
 from .transform_matrix import fit_transform_matrix
 
@@ -371,6 +372,8 @@ class CCSFTTrainer(SFTTrainer):
             )
 
         self._connection_statistics = _ConnectionStatistics(tuner.source_layers())
+        # The same counts over the whole run, for the model card (summarised once, when training ends).
+        self._run_connection_statistics = _ConnectionStatistics(tuner.source_layers())
         self._noise_step: int | None = None
         self._noise_micro_batch = 0
         self.transform_matrix_stats: dict[str, Any] | None = None
@@ -511,7 +514,9 @@ class CCSFTTrainer(SFTTrainer):
         self._record_token_metrics(mode, outputs.logits, labels, inputs["attention_mask"])
         if mode == "train":
             counts = self._connection_statistics.batch_counts(outputs)
-            self._connection_statistics.add(self.accelerator.reduce(counts, reduction="sum"))
+            counts = self.accelerator.reduce(counts, reduction="sum")
+            self._connection_statistics.add(counts)
+            self._run_connection_statistics.add(counts)
         return (loss, outputs) if return_outputs else loss
 
     def _training_progress(self) -> float:
@@ -653,9 +658,43 @@ class CCSFTTrainer(SFTTrainer):
         if not resuming and self.cc_model.needs_decision_maker_initialization():
             self.initialize_decision_maker()
         output = super().train(*args, **kwargs)
+        self._record_training_facts()
         if self.args.transform_pairs > 0:
             self.fit_transform_matrix()
         return output
+
+    def _record_training_facts(self) -> None:
+        """Put the run's settings, languages and layer-choice statistics into the adapter's model card facts."""
+        args = self.args
+        facts = self.cc_model.model_card_facts
+        facts["training"] = {
+            "trainer": "peft_cc.CCSFTTrainer (TRL SFTTrainer)",
+            "optimizer steps": self.state.global_step,
+            "examples per step": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "learning rate / schedule": f"{args.learning_rate:g} / {args.lr_scheduler_type}",
+            "max length (tokens)": args.max_length,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "seed": args.seed,
+        }
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        if "language" in columns and not facts.get("languages"):
+            facts["languages"] = sorted({str(language) for language in self.train_dataset["language"]})
+        run = self._run_connection_statistics
+        if run.num_rows == 0:
+            return
+        rows = run.num_rows
+        summary = run.summary(per_layer=True)
+        prefix = f"{LOG_PREFIX}layer_frequency/"
+        frequency = {int(key[len(prefix) :]): value for key, value in summary.items() if key.startswith(prefix)}
+        top = sorted(frequency.items(), key=lambda item: -item[1])[:5]
+        facts["layer_choice"] = {
+            "most_chosen": dict(top),
+            "choice_entropy": summary[f"{LOG_PREFIX}choice_entropy"],
+            "max_entropy": math.log(len(run.source_layers)),
+            "num_source_layers": len(run.source_layers),
+            "connected_rows": rows - int(summary[f"{LOG_PREFIX}unconnected_rows"]),
+            "unconnected_rows": int(summary[f"{LOG_PREFIX}unconnected_rows"]),
+        }
 
     def initialize_decision_maker(self) -> torch.Tensor:
         """Initialise the Decision Maker from the first `decision_maker_init_examples` training examples.
@@ -773,11 +812,15 @@ class CCSFTTrainer(SFTTrainer):
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
     ):
-        """TRL's model card, plus the section that says how to load a CC-Tuning adapter (`import peft_cc`)."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            config: CCConfig = self.cc_model.peft_config[self.cc_model.active_adapters[0]]
-            add_model_card_section(self.args.output_dir, config.source_layers, config.injection_layer)
+        """Write the adapter's model card (:mod:`peft_cc.model_card`) into `output_dir`, as `Trainer.push_to_hub`
+        and checkpoints do; `dataset_name` is recorded as the training data and `model_name` names the card."""
+        if not self.is_world_process_zero():
+            return
+        if dataset_name:
+            self.cc_model.model_card_facts["datasets"] = [dataset_name]
+        config: CCConfig = self.cc_model.peft_config[self.cc_model.active_adapters[0]]
+        repo_id = model_name or (self.hub_model_id if self.args.push_to_hub else None)
+        write_model_card(self.args.output_dir, config, self.cc_model.model_card_facts, repo_id=repo_id)
 
 
 # ---------------------------------------------------------------------------------------------------- checks

@@ -314,7 +314,7 @@ def fit_transform_matrix(
         raise ValueError("The Transform Matrix fit is not finite (non-finite activations?); nothing was stored.")
     buffer = tuner.cc_transform_matrix[adapter_name]
     buffer.copy_(transform.to(device=buffer.device, dtype=buffer.dtype))
-    return {
+    stats = {
         "num_pairs": counts.fitted,
         "num_heldout_pairs": counts.heldout,
         "num_skipped_pairs": counts.skipped,
@@ -329,6 +329,8 @@ def fit_transform_matrix(
         "adapter_name": adapter_name,
         "seconds": time.perf_counter() - start,
     }
+    tuner.model_card_facts["transform_matrix"] = stats
+    return stats
 
 
 def _cc_tuner(model: nn.Module) -> CCModel:

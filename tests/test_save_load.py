@@ -26,8 +26,6 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from peft_cc.model_card import MODEL_CARD_MARKER
-
 SAVE_ARCHITECTURES = ("llama", "gemma3")
 DM_KEY = "base_model.cc_decision_maker.weight"
 TM_KEY = "base_model.cc_transform_matrix"
@@ -212,18 +210,6 @@ def test_load_with_explicit_source_layers_onto_another_depth_fails(tmp_path, num
     make_cc_model("llama", source_layers=[1]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"another base model.*decoder_num_layers=3"):
         peft.PeftModel.from_pretrained(_llama(num_hidden_layers=num_layers), tmp_path)
-
-
-def test_model_card_once_after_saving_twice(tmp_path):
-    """save_pretrained's README.md says CC-Tuning and how to load it (`import peft_cc`), once even after two saves."""
-    model = make_cc_model("llama")
-    model.save_pretrained(tmp_path)
-    model.save_pretrained(tmp_path)
-    card = (tmp_path / "README.md").read_text()
-    assert "CC-Tuning" in card
-    assert card.count("import peft_cc") == 1
-    assert card.count(MODEL_CARD_MARKER) == 1
-    assert card.count("## CC-Tuning adapter") == 1
 
 
 @pytest.fixture
