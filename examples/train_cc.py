@@ -42,6 +42,12 @@ from peft_cc.anchors import anchors_from_labels
 from peft_cc.packaged_models import resolve_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HELDOUT_LOSS_LEGEND = {
+    "base_model": "the base model, adapter disabled",
+    "cc_monolingual": "the CC adapter, English activation simulated by the Transform Matrix (as deployed)",
+    "cc_bilingual": "the CC adapter with the real English prompts (as in training)",
+    "lora_only": "the same CC adapter with the connection off: its LoRA weights alone (not a separately trained LoRA)",
+}
 
 
 class CompactProgressCallback(ProgressCallback):
@@ -123,7 +129,10 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset]
 
 @torch.no_grad()
 def heldout_losses(model: PeftModel, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Token-weighted mean loss on held-out batches: base model, and CC-tuned with each kind of connection."""
+    """Token-weighted mean loss on held-out batches: base model, and CC-tuned with each kind of connection.
+
+    The keys are those of :data:`HELDOUT_LOSS_LEGEND`; `lora_only` is the same CC adapter with its connection off, not
+    a separately trained LoRA adapter."""
     model.eval()
     totals: dict[str, float] = {"base_model": 0.0, "cc_monolingual": 0.0, "cc_bilingual": 0.0, "lora_only": 0.0}
     tokens = 0
@@ -403,6 +412,9 @@ def main() -> None:
     (output_dir / "generations.txt").write_text(table + "\n")
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print("\n" + json.dumps(summary, indent=2, ensure_ascii=False))
+    print("heldout_loss, mean per answer token on the held-out items:")
+    for name, meaning in HELDOUT_LOSS_LEGEND.items():
+        print(f"  {name}: {meaning}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peft_cc.anchors import position_ids_from_attention_mask
 from peft_cc.evaluation import EvaluationConfig, evaluate, load_results, load_system, write_report
 from peft_cc.evaluation.__main__ import main
+from peft_cc.evaluation.loading import adapter_base_model
 from peft_cc.evaluation.option_scoring import option_log_likelihoods
 from peft_cc.evaluation.prompts import encode_prompt, left_pad, uses_chat_template
 from peft_cc.evaluation.report import markdown_report
@@ -361,3 +362,28 @@ def test_command_line_on_the_real_benchmarks(tokenizer, tmp_path):
         for language in ("en", "zh"):
             assert results["benchmarks"][benchmark]["languages"][language]["indices"] == [0, 1]
     assert output.with_suffix(".md").is_file() and output.with_suffix(".png").is_file()
+
+
+def test_command_line_takes_the_base_model_from_the_adapter(tokenizer, data_root, tmp_path):
+    """Without --model, the evaluator loads the base model that the adapter's config records."""
+    model_dir = tmp_path / "tiny-model"
+    _tiny_model(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    base = LlamaForCausalLM.from_pretrained(model_dir)  # records model_dir as the adapter's base
+    make_cc_model("llama", base=base, train=False).save_pretrained(tmp_path / "adapter")
+    output = tmp_path / "out" / "results.json"
+    arguments = ["--adapter", str(tmp_path / "adapter"), "--data-root", str(data_root), "--benchmarks", "MKQA"]
+    arguments += ["--connection", "off", "--languages", "de", "--limit", "1"]
+    assert main([*arguments, "--output", str(output), "--quiet"]) == 0
+    settings = load_results([output])["adapter (off)"]["settings"]
+    assert settings["model"] == str(model_dir)
+
+
+def test_adapter_base_model(tmp_path):
+    """A packaged model's conversion missing here is named by the packaged name; a folder without config fails."""
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/elsewhere/.cache/peft-cc/smollm2-135m-instruct"})
+    )
+    assert adapter_base_model(tmp_path) == "smollm2-135m-instruct"
+    with pytest.raises(ValueError, match="no adapter_config.json.*--model"):
+        adapter_base_model(tmp_path / "missing")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .connection import CONNECTIONS
-from .loading import DTYPES, load_system
+from .loading import DTYPES, adapter_base_model, load_system
 from .report import load_results, write_report
 from .runner import EvaluationConfig, evaluate
 
@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     system = parser.add_argument_group("the system to evaluate")
     system.add_argument(
-        "--model", help="A packaged model's name (smollm2-135m-instruct, gemma3-270m), a local path or a Hub id."
+        "--model",
+        help="A packaged model's name (smollm2-135m-instruct, gemma3-270m), a local path or a Hub id. Default with "
+        "--adapter: the base model the adapter records.",
     )
     system.add_argument("--adapter", help="A saved PEFT adapter folder (LoRA, CC-Tuning, ...) to load onto the model.")
     system.add_argument("--connection", choices=CONNECTIONS, help=_help("connection"))
@@ -110,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = write_report(load_results(arguments.compare), arguments.output)
     else:
         if not arguments.model:
-            parser.error("--model is required (or --compare).")
+            if not arguments.adapter:
+                parser.error("--model or --adapter is required (or --compare).")
+            try:
+                arguments.model = adapter_base_model(arguments.adapter)
+            except ValueError as error:
+                parser.error(str(error))
         if not Path(arguments.data_root).is_dir():
             parser.error(f"--data-root {arguments.data_root} is not a folder (the benchmarks' root).")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,26 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 def default_device() -> str:
     """`"cuda"` where a GPU is available, else `"cpu"`."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def adapter_base_model(adapter: str | os.PathLike) -> str:
+    """The base model a saved adapter records (`base_model_name_or_path` of its `adapter_config.json`).
+
+    A packaged model's converted checkpoint that is not on this machine (an adapter trained elsewhere) is returned
+    as the packaged model's name, which :func:`load_system` converts again.
+
+    Raises:
+        ValueError: the folder has no `adapter_config.json`, or it records no base model.
+    """
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{adapter} is not a saved adapter folder (no adapter_config.json): pass --model too.")
+    recorded = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not recorded:
+        raise ValueError(f"The adapter {adapter} records no base model: pass --model.")
+    if not Path(recorded).exists() and Path(recorded).name in PACKAGED_MODELS:
+        return Path(recorded).name
+    return recorded
 
 
 def load_system(
