@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import DECISION_MAKER_PRESETS, CCConfig
 from .model import CCCausalLMOutputWithPast, CCModel
+from .model_card import add_model_card_facts
 from .registration import register
 from .transform_matrix import NormalEquations, fit_transform_matrix
 
@@ -36,6 +37,7 @@ __all__ = [
     "CCSFTTrainer",
     "DataCollatorForCCLanguageModeling",
     "DECISION_MAKER_PRESETS",
+    "add_model_card_facts",
     "NormalEquations",
     "fit_transform_matrix",
     "register",
