@@ -7,13 +7,17 @@ a Hub id where there is one, languages, datasets, tags), the method with a link,
 known of its training: :class:`peft_cc.CCModel` keeps these facts in its `model_card_facts` dictionary, filled by
 `CCSFTTrainer` (training settings, languages, the Decision Maker's layer choice), by
 :func:`peft_cc.fit_transform_matrix` (pairs, R²) and by the user (:func:`add_model_card_facts`, e.g. evaluation
-figures). Facts kept in memory only: an adapter loaded from disk and saved again has a card from its configuration.
+figures). The card carries the facts in an HTML comment as well, so that an adapter loaded from a local folder
+(`PeftModel.from_pretrained`, `load_adapter`) gets them back (:func:`read_model_card_facts`) and keeps them in the
+card of its next save or push.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from .config import CCConfig
 
 MODEL_CARD_MARKER = "<!-- peft-cc model card -->"
+FACTS_COMMENT = re.compile(r"^<!-- peft-cc model card facts: (?P<facts>.*) -->$", re.MULTILINE)
 PAPER_URL = "https://arxiv.org/abs/2506.00875"
 FACT_KEYS = ("base_model", "languages", "datasets", "training", "layer_choice", "transform_matrix", "evaluation")
 
@@ -123,9 +128,11 @@ def model_card(config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id
         base_text = f"[{base_model}](https://huggingface.co/{base_model})"
     else:
         base_text = f"the local model `{local_base}`" if local_base else "an unrecorded base model"
+    # ">" escaped (valid JSON) so that no value can end the comment.
+    facts_json = json.dumps(facts, ensure_ascii=False, default=str).replace(">", "\\u003e")
     sections = [
         _metadata(base_model, languages, datasets),
-        MODEL_CARD_MARKER,
+        f"{MODEL_CARD_MARKER}\n<!-- peft-cc model card facts: {facts_json} -->",
         f"# {title}",
         f"A [CC-Tuning]({PAPER_URL}) adapter (Cross-lingual Connection Tuning, ACL 2025) for {base_text}, made with "
         "peft-cc: LoRA plus a Decision Maker and a Transform Matrix that "
@@ -230,3 +237,12 @@ def write_model_card(
     path = Path(directory) / "README.md"
     path.write_text(model_card(config, facts, repo_id), encoding="utf-8")
     return path
+
+
+def read_model_card_facts(directory: str | os.PathLike) -> dict[str, Any]:
+    """The facts a card written by :func:`write_model_card` in `directory` carries; `{}` without such a card."""
+    path = Path(directory) / "README.md"
+    if not path.is_file():
+        return {}
+    found = FACTS_COMMENT.search(path.read_text(encoding="utf-8"))
+    return json.loads(found.group("facts")) if found else {}

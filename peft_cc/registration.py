@@ -9,6 +9,7 @@ steps are idempotent, so importing :mod:`peft_cc` any number of times is safe.
 from __future__ import annotations
 
 import functools
+import os
 
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
@@ -42,19 +43,31 @@ def _cc_config(model: PeftModel):
 
 
 def _write_cc_model_cards() -> None:
-    """Make `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write the CC-Tuning model card.
+    """Make `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write the CC-Tuning model card, and
+    `PeftModel.load_adapter` (hence `from_pretrained`) read back the facts of a local adapter's card.
 
     `save_pretrained` writes the card with `create_or_update_model_card`. `push_to_hub` (transformers) saves the
     adapter into a folder, writes the Hub's model card over that one, then uploads the folder with
     `_upload_modified_files`. Both are wrapped (once) to write :func:`peft_cc.model_card.model_card` for a CC-Tuning
     adapter; other adapters are left to PEFT.
     """
-    from .model_card import write_model_card
+    from .config import CCConfig
+    from .model_card import read_model_card_facts, write_model_card
 
     if getattr(PeftModel.create_or_update_model_card, "writes_cc_model_card", False):
         return
     create_card = PeftModel.create_or_update_model_card
     upload = PeftModel._upload_modified_files
+    load_adapter = PeftModel.load_adapter
+
+    @functools.wraps(load_adapter)
+    def load_adapter_with_card_facts(self, model_id, adapter_name, *args, **kwargs):
+        result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        if isinstance(self.peft_config.get(adapter_name), CCConfig) and os.path.isdir(model_id):
+            facts = self.base_model.model_card_facts
+            for key, value in read_model_card_facts(model_id).items():
+                facts.setdefault(key, value)
+        return result
 
     @functools.wraps(create_card)
     def create_cc_model_card(self, output_dir, *args, **kwargs):
@@ -73,6 +86,7 @@ def _write_cc_model_cards() -> None:
     create_cc_model_card.writes_cc_model_card = True
     PeftModel.create_or_update_model_card = create_cc_model_card
     PeftModel._upload_modified_files = upload_with_cc_model_card
+    PeftModel.load_adapter = load_adapter_with_card_facts
 
 
 def register() -> PeftType:

@@ -17,7 +17,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from sft_helpers import conversational_rows, make_tiny_tokenizer
 
 import peft_cc
-from peft_cc.model_card import MODEL_CARD_MARKER, add_model_card_facts, hub_base_model
+from peft_cc.model_card import MODEL_CARD_MARKER, add_model_card_facts, hub_base_model, read_model_card_facts
 from peft_cc.packaged_models import default_cache_dir
 
 PEFT_TEMPLATE_TEXT = "[More Information Needed]"
@@ -165,3 +165,16 @@ def test_push_to_hub_uploads_the_card_with_evaluation(trained, hub):
     assert 'AutoPeftModelForCausalLM.from_pretrained("user/cc-adapter")' in card
     assert "## Layer choice of the Decision Maker" in card and "Fitted by least squares" in card
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(hub)
+
+
+def test_loaded_adapter_keeps_the_facts_of_its_card(trained, tmp_path):
+    """An adapter loaded from its folder and saved again keeps the training facts in its card."""
+    model = peft.PeftModel.from_pretrained(make_tiny_model("llama"), trained.args.output_dir)
+    assert model.base_model.model_card_facts["layer_choice"]["connected_rows"] > 0
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "## Layer choice of the Decision Maker" in card and "| optimizer steps | 2 |" in card
+    assert card_metadata(card)["language"] == ["de", "fr", "pt"]
+    assert (
+        read_model_card_facts(tmp_path)["transform_matrix"]["num_pairs"] == trained.transform_matrix_stats["num_pairs"]
+    )
