@@ -58,7 +58,10 @@ def load_any(source: str, split: str = "train", name: str | None = None):
         loaded = load_from_disk(str(path))
         return loaded[split] if isinstance(loaded, DatasetDict) else loaded
     if path.suffix in DATASET_FILE_BUILDERS or source.startswith((".", "/")):
-        raise FileNotFoundError(f"The dataset file {source} does not exist.")
+        raise FileNotFoundError(
+            f"The dataset file {source} does not exist (a relative path starts from the working directory, "
+            f"{Path.cwd()})."
+        )
     dataset = load_dataset(source, name=name, split=split)
     assert isinstance(dataset, Dataset)
     return dataset

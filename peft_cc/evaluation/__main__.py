@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..parallel_data import check_data_root
 from .connection import CONNECTIONS
 from .loading import DTYPES, adapter_base_model, load_system
 from .report import load_results, write_report
@@ -118,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 arguments.model = adapter_base_model(arguments.adapter)
             except ValueError as error:
                 parser.error(str(error))
-        if not Path(arguments.data_root).is_dir():
-            parser.error(f"--data-root {arguments.data_root} is not a folder (the benchmarks' root).")
+        try:
+            check_data_root(arguments.data_root)
+        except FileNotFoundError as error:
+            parser.error(str(error))
 
         config = EvaluationConfig(
             data_root=arguments.data_root,
