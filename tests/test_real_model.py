@@ -123,4 +123,10 @@ def test_generation_equals_naive_two_pass_method_on_real_text(smollm2_model, smo
     batch = smollm2_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     generated = model.generate(**batch, max_new_tokens=8, do_sample=False)
     expected = naive_greedy(model, batch["input_ids"], batch["attention_mask"], steps=8)
-    assert torch.equal(generated[:, : expected.shape[1]], expected)
+    # `generate` pads a row after its end-of-sequence token, the naive method goes on: compare up to that token.
+    # (The LoRA initialisation draws from the global generator, so some orders of the suite end a row early.)
+    new_tokens = generated[:, batch["input_ids"].shape[1] :]
+    ended = (new_tokens == smollm2_tokenizer.eos_token_id).cumsum(dim=1) > 0
+    after_end = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=1)
+    compared = torch.cat([torch.ones_like(batch["input_ids"], dtype=torch.bool), ~after_end], dim=1)
+    assert torch.equal(generated[compared], expected[:, : generated.shape[1]][compared])
