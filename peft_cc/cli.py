@@ -49,7 +49,7 @@ class CCArguments:
 def load_any(source: str, split: str = "train", name: str | None = None):
     """A `datasets.Dataset` from a local file (`.json`, `.jsonl`, `.csv`, `.parquet`, `.arrow`), a folder saved with
     `save_to_disk`, or a Hub dataset id (`load_dataset(source, name=name, split=split)`)."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = Path(source)
     if path.is_file() and path.suffix in DATASET_FILE_BUILDERS:
@@ -62,9 +62,7 @@ def load_any(source: str, split: str = "train", name: str | None = None):
             f"The dataset file {source} does not exist (a relative path starts from the working directory, "
             f"{Path.cwd()})."
         )
-    dataset = load_dataset(source, name=name, split=split)
-    assert isinstance(dataset, Dataset)
-    return dataset
+    return load_dataset(source, name=name, split=split)
 
 
 def cc_config_from(model_args, cc_args: CCArguments) -> CCConfig:
@@ -124,6 +122,12 @@ def sft(script_args, training_args, model_args, cc_args: CCArguments):
     train = load_any(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
     evaluation = None
     if training_args.eval_strategy != "no":
+        if Path(script_args.dataset_name).is_file():
+            raise ValueError(
+                f"eval_strategy is {training_args.eval_strategy!r}, but {script_args.dataset_name} is a single file "
+                "with no test split: set `eval_strategy: no`, or use a saved dataset or Hub dataset with a "
+                "`dataset_test_split`."
+            )
         evaluation = load_any(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
     trainer = CCSFTTrainer(
         model=model,

@@ -111,3 +111,13 @@ def test_shipped_config_is_the_main_jobs_training(monkeypatch):
     assert (model_args.lora_r, model_args.lora_alpha) == (main_job.lora_r, 2 * main_job.lora_r)
     assert cc_args.decision_maker == main_job.decision_maker
     assert script_args.dataset_name == "outputs/mkqa_train.jsonl"
+
+
+def test_evaluation_on_a_single_file_is_refused(tiny_checkpoint, pairs_file, tmp_path):
+    """A file has no test split: evaluating on it would evaluate on the training rows."""
+    arguments = make_parser().parse_args_and_config(
+        ["--model_name_or_path", str(tiny_checkpoint), "--dataset_name", str(pairs_file), "--bf16", "false"]
+        + ["--output_dir", str(tmp_path), "--eval_strategy", "steps", "--eval_steps", "1"]
+    )
+    with pytest.raises(ValueError, match=r"single file\s+with no test split"):
+        sft(*arguments)
