@@ -246,3 +246,15 @@ def read_model_card_facts(directory: str | os.PathLike) -> dict[str, Any]:
         return {}
     found = FACTS_COMMENT.search(path.read_text(encoding="utf-8"))
     return json.loads(found.group("facts")) if found else {}
+
+
+def use_hub_base_model(directory: str | os.PathLike, config: CCConfig) -> None:
+    """Name the base model by its Hub id in `directory/adapter_config.json`, where the adapter records a local copy
+    of a Hub model (a packaged model's conversion), so that the pushed adapter loads its base from the Hub."""
+    hub_id = hub_base_model(config.base_model_name_or_path)
+    path = Path(directory) / "adapter_config.json"
+    if hub_id is None or hub_id == config.base_model_name_or_path or not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved["base_model_name_or_path"] = hub_id
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")

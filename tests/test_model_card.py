@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from unittest import mock
@@ -178,3 +179,14 @@ def test_loaded_adapter_keeps_the_facts_of_its_card(trained, tmp_path):
     assert (
         read_model_card_facts(tmp_path)["transform_matrix"]["num_pairs"] == trained.transform_matrix_stats["num_pairs"]
     )
+
+
+def test_pushed_adapter_of_the_real_smollm2_names_its_base_on_the_hub(smollm2_model, hub, tmp_path):
+    """The pushed adapter_config.json names the Hub id of the packaged base; the local save keeps the local path."""
+    model = peft.get_peft_model(smollm2_model, peft_cc.CCConfig(r=4, target_modules=["q_proj"]))
+    model.push_to_hub("user/cc-smollm2", token="x")
+    pushed = json.loads(hub["adapter_config.json"])
+    assert pushed["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(tmp_path)
+    local = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert Path(local["base_model_name_or_path"]).is_dir()  # loads offline here
