@@ -16,7 +16,7 @@ import textwrap
 import pytest
 from helpers import REPO_ROOT
 
-PAGES = ("README.md", "docs/inference.md")
+PAGES = ("README.md", "docs/inference.md", "docs/training.md", "docs/method.md")
 MAX_NOT_RUN_PER_PAGE = 2
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 NOT_RUN = re.compile(r"<!-- not run: (?P<reason>[^>]*?) -->\s*$")
@@ -53,7 +53,7 @@ def python_blocks(page: str) -> list[tuple[int, str, str | None]]:
 def test_blocks_left_out_are_few_and_say_why(page):
     blocks = python_blocks(page)
     left_out = [(line, reason) for line, _, reason in blocks if reason is not None]
-    assert len(blocks) - len(left_out) >= 2, f"{page}: fewer than 2 blocks run"
+    assert len(blocks) > len(left_out), f"{page}: no block runs"
     assert len(left_out) <= MAX_NOT_RUN_PER_PAGE, f"{page}: too many blocks left out: {left_out}"
     for line, reason in left_out:
         assert len(reason) >= 10, f"{page}, line {line}: say why the block is not run"
