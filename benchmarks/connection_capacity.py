@@ -144,9 +144,7 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
         bounds = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
         if bounds is None:
             raise ValueError(f"--source-layers: {part!r} is not a layer or a range such as 0-25")
-        first, last = (
-            int(bound) % num_layers if int(bound) < 0 else int(bound) for bound in (bounds[1], bounds[2] or bounds[1])
-        )
+        first, last = (int(bound) + num_layers if int(bound) < 0 else int(bound) for bound in bounds.groups(bounds[1]))
         if not 0 <= first <= last < num_layers:
             raise ValueError(
                 f"--source-layers: {part.strip()!r} is outside the model's {num_layers} layers 0-{num_layers - 1}"
@@ -350,11 +348,7 @@ def main() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, output_dir / "layer_choice.png")
-    forced = {
-        int(FORCED.fullmatch(name).group(1)) % num_layers: result
-        for name, result in results.items()
-        if FORCED.fullmatch(name)
-    }
+    forced = {result["source_layers"][0]: result for name, result in results.items() if FORCED.fullmatch(name)}
     if len(forced) > 1:
         plot_profile(forced, args, output_dir / "profile.png")
     summary = {name: round(result["heldout_loss"], 4) for name, result in results.items()}

@@ -67,7 +67,7 @@ def test_source_layer_lists_parse_ranges_and_negative_layers_and_refuse_others(b
     assert parse("0-3", 30) == [0, 1, 2, 3]
     assert parse("0-2, 10, -1", 30) == [0, 1, 2, 10, 29]
     assert parse("-4--1", 30) == [26, 27, 28, 29]
-    for bad in ("0-30", "5-2", "a", "1-", ""):
+    for bad in ("0-30", "5-2", "-31", "-40-3", "a", "1-", ""):
         with pytest.raises(ValueError, match="--source-layers"):
             parse(bad, 30)
 
