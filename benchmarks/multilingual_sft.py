@@ -9,7 +9,7 @@ Systems, all trained on the same pairs, steps, LoRA settings and seeds:
   the seeds of `--bilingual-seeds`.
 
 `--systems` picks which of `base`, `lora` and `cc` to run; `--cc-options` passes CCConfig options to the CC system
-and `--cc-name` renames it (e.g. `--cc-name cc-ev --cc-options '{"decision_maker_init": "english_variance"}'`).
+and `--cc-name` renames it (e.g. `--cc-name cc-rec --cc-options '{"decision_maker": "variance_reinforce_gated"}'`).
 
 Training pairs come from the benchmark files, item indices `>= --split` in every language; evaluation uses item
 indices `< --split` (the first `--eval-items` of them), so no evaluated item, in any language, is trained on. Every
@@ -18,8 +18,8 @@ with `python -m peft_cc.evaluation --adapter ...`.
 
     python benchmarks/multilingual_sft.py                                   # SmolLM2-135M-Instruct, about an hour
     python benchmarks/multilingual_sft.py --steps 2 --eval-items 1 --seeds 0 --output-dir /tmp/smoke   # smoke test
-    python benchmarks/multilingual_sft.py --systems cc --cc-name cc-ev-late \
-        --cc-options '{"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}'
+    python benchmarks/multilingual_sft.py --systems cc --cc-name cc-rec --cc-options \
+        '{"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"start_fraction": 0.5}}'
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
     trainer.train()
     trainer.save_model()
     (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    if getattr(trainer, "decision_maker_prior", None) is not None:  # decision_maker_init="english_variance"
+    if getattr(trainer, "decision_maker_prior", None) is not None:  # decision_maker="variance_reinforce_gated"
         (output / "decision_maker_prior.json").write_text(json.dumps(trainer.decision_maker_prior.tolist()))
     gate = trainer.cc_model.decision_maker().gate if kind == "cc" else None
-    if gate is not None:  # injection_gate_init: how much of each candidate layer training chose to inject
+    if gate is not None:  # the gated strategy: how much of each candidate layer training chose to inject
         (output / "injection_gate.json").write_text(json.dumps(gate.tolist()))
     return output
 

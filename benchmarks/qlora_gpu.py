@@ -38,7 +38,7 @@ from parameter_counts import LLAMA_3_1_8B
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-from peft_cc import DECISION_MAKER_PRESETS, CCConfig, fit_transform_matrix
+from peft_cc import CCConfig, fit_transform_matrix
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 TINY = LlamaConfig(
@@ -165,7 +165,8 @@ def time_training(
         synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(**batch).loss
+            outputs = model(**batch)
+            loss = outputs.loss + (outputs.get("decision_maker_loss") or 0.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -238,11 +239,11 @@ def main() -> None:
     fit_seconds = seconds_of(partial(fit_transform_matrix, cc, pairs, batch_size=8, show_progress=False), device)
     results["cc"]["generate_seconds"] = time_generation(cc, prompts, args)
 
-    # The `variance_reinforce` Decision Maker (docs/decision_maker.md): its English-variance initialisation over 64
-    # examples, then training steps in its learning phase, where the score-function term adds a per-row loss.
+    # The recommended Decision Maker (docs/decision_maker.md): its English-variance initialisation over 64 examples,
+    # then training steps in its learning phase, where the REINFORCE term adds a per-row loss.
     base = cc.unload()
     del cc
-    reinforce = checkpointed_peft_model(base, CCConfig(**LORA, **DECISION_MAKER_PRESETS["variance_reinforce"]))
+    reinforce = checkpointed_peft_model(base, CCConfig(**LORA, decision_maker="variance_reinforce_gated"))
 
     def initialize() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):

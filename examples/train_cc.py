@@ -37,8 +37,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from peft_cc import DECISION_MAKER_PRESETS, CCConfig, CCSFTConfig, CCSFTTrainer
+from peft_cc import CCConfig, CCSFTConfig, CCSFTTrainer
 from peft_cc.anchors import anchors_from_labels
+from peft_cc.config import DECISION_MAKER_STRATEGIES
 from peft_cc.packaged_models import resolve_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     training.add_argument(
         "--decision-maker",
         default="paper",
-        choices=list(DECISION_MAKER_PRESETS),
+        choices=list(DECISION_MAKER_STRATEGIES),
         help="Decision Maker preset (docs/decision_maker.md): the paper's method, or the recommended "
         "variance_reinforce_gated",
     )
@@ -322,7 +323,7 @@ def main() -> None:
         lora_dropout=0.0,
         target_modules="all-linear",
         english_gradients=not args.no_english_gradients,
-        **DECISION_MAKER_PRESETS[args.decision_maker],
+        decision_maker=args.decision_maker,
     )
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     trainer = CCSFTTrainer(

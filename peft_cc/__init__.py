@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import DECISION_MAKER_PRESETS, CCConfig
+from .config import CCConfig, VarianceReinforceConfig
 from .model import CCCausalLMOutputWithPast, CCModel
-from .model_card import add_model_card_facts
+from .model_card import add_model_card_facts, install_model_card_hooks
 from .registration import register
 from .transform_matrix import NormalEquations, fit_transform_matrix
 
@@ -36,11 +36,11 @@ __all__ = [
     "CCSFTConfig",
     "CCSFTTrainer",
     "DataCollatorForCCLanguageModeling",
-    "DECISION_MAKER_PRESETS",
     "add_model_card_facts",
     "NormalEquations",
     "fit_transform_matrix",
     "register",
+    "VarianceReinforceConfig",
 ]
 
 
@@ -52,4 +52,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-register()
+register(CCConfig, CCModel)
+install_model_card_hooks()

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DECISION_MAKER_PRESETS, CCConfig
+from .config import DECISION_MAKER_STRATEGIES, CCConfig
 
 DATASET_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -33,9 +33,9 @@ class CCArguments:
     decision_maker: str = field(
         default="paper",
         metadata={
-            "help": "Decision Maker preset (`peft_cc.DECISION_MAKER_PRESETS`): `paper` is the published method, "
+            "help": "Decision Maker strategy (`CCConfig.decision_maker`): `paper` is the published method, "
             "`variance_reinforce_gated` the recommended setting (docs/decision_maker.md).",
-            "choices": list(DECISION_MAKER_PRESETS),
+            "choices": list(DECISION_MAKER_STRATEGIES),
         },
     )
     injection_layer: int = field(
@@ -77,7 +77,7 @@ def cc_config_from(model_args, cc_args: CCArguments) -> CCConfig:
         use_rslora=model_args.use_rslora,
         injection_layer=cc_args.injection_layer,
         english_gradients=cc_args.english_gradients,
-        **DECISION_MAKER_PRESETS[cc_args.decision_maker],
+        decision_maker=cc_args.decision_maker,
     )
 
 

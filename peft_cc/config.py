@@ -3,34 +3,53 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from peft import LoraConfig
 
-from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+from .legacy_config import translate_legacy_fields
+from .registration import cc_peft_type
 
-DECISION_MAKER_INITS = ("normal", "zeros", "english_variance")
+DecisionMakerStrategy = Literal["paper", "variance_reinforce_gated"]
+DECISION_MAKER_STRATEGIES: tuple[str, ...] = DecisionMakerStrategy.__args__
 
-# Named sets of CCConfig options for the Decision Maker (docs/decision_maker.md): `CCConfig(r=16, ...,
-# **DECISION_MAKER_PRESETS["variance_reinforce_gated"])`. "paper" is the method as published (the defaults);
-# "variance_reinforce" found and kept the informative layer for every seed measured on the connection-capacity task;
-# "variance_reinforce_gated" (the recommended setting) does so too, with the injection scaled by a learned gate that
-# starts at 0.3, and was not worse than "paper" in the multilingual experiment, where "variance_reinforce" was.
-_VARIANCE_REINFORCE = {
-    "decision_maker_init": "english_variance",
-    "decision_maker_start_fraction": 0.25,
-    "decision_maker_gradient": "score_function",
-}
-DECISION_MAKER_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {
-        "paper": MappingProxyType({}),
-        "variance_reinforce": MappingProxyType(_VARIANCE_REINFORCE),
-        "variance_reinforce_gated": MappingProxyType({**_VARIANCE_REINFORCE, "injection_gate_init": 0.3}),
-    }
-)
+
+@dataclass
+class VarianceReinforceConfig:
+    """The knobs of the `"variance_reinforce_gated"` Decision Maker (see `docs/decision_maker.md`).
+
+    The strategy starts the Decision Maker favouring the candidate layers whose English activation varies most across
+    training prompts (computed from training examples before the first step), keeps its choice fixed for the first
+    `start_fraction` of training while LoRA learns to read the injected activations, then trains it with REINFORCE:
+    each row's loss, compared with the other rows' of the batch, rewards the layer that row injected. A learned gate
+    per candidate layer, starting at `gate_init`, scales the injected activation.
+    """
+
+    start_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": (
+                "Fraction of training (0..1) before the Decision Maker starts learning; until then its choice is "
+                "applied but receives no gradient (the gate learns from the first step)."
+            )
+        },
+    )
+    gate_init: float = field(
+        default=0.3,
+        metadata={
+            "help": (
+                "Initial value of the learned gate `[S]` that multiplies the chosen layer's activation before it is "
+                "added; 0 would start as LoRA alone."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.start_fraction) or not 0 <= self.start_fraction <= 1:
+            raise ValueError(f"`start_fraction` must lie in [0, 1], got {self.start_fraction!r}.")
+        if not _is_number(self.gate_init) or not math.isfinite(self.gate_init):
+            raise ValueError(f"`gate_init` must be a finite number, got {self.gate_init!r}.")
 
 
 @dataclass
@@ -38,46 +57,29 @@ class CCConfig(LoraConfig):
     """Configuration of a [`CCModel`]: LoRA plus CC-Tuning's cross-lingual connection.
 
     Every [`peft.LoraConfig`] option keeps its meaning (`r`, `lora_alpha`, `target_modules` including
-    `"all-linear"`, `lora_dropout`, `use_rslora`, ...). The fields below configure the connection; their defaults
-    reproduce the method of the paper (CC-Tuning, ACL 2025): the English activation chosen by the Decision Maker
-    among all layers is added to the residual stream at the anchor right after the first decoder layer, with a
-    hard Gumbel-Softmax at temperature 1, and gradients flow through the English pass. `decision_maker_init`,
-    `injection_scaling`, `gumbel_temperature_final`, `soft_choice_fraction`, `soft_choice`,
-    `decision_maker_start_fraction`, `decision_maker_gradient` and `choice_balance_weight` are options beyond the paper
-    that change how the Decision Maker learns (see `docs/decision_maker.md`); their defaults leave the method as
-    published.
+    `"all-linear"`, `lora_dropout`, `use_rslora`, ...). The defaults of the fields below are the method of the paper
+    (CC-Tuning, ACL 2025, arXiv 2506.00875): the English FFN activation that the Decision Maker chooses among all
+    layers is added to the residual stream at the anchor right after the first decoder layer, the choice is a hard
+    Gumbel-Softmax sample at temperature 1 with straight-through gradients, and gradients flow through the English
+    pass. `decision_maker="variance_reinforce_gated"` selects the strategy `docs/decision_maker.md` recommends, whose
+    knobs are in `variance_reinforce_config`.
 
     Args:
         injection_layer (`int`, defaults to `0`):
             Index of the decoder layer after which the chosen English activation is added (0 = after the first).
         source_layers (`list[int]`, *optional*):
-            Candidate layers whose English FFN activation the Decision Maker chooses from. `None` means all layers.
+            Candidate layers whose English FFN activation the Decision Maker chooses from (negative indices count
+            from the last layer). `None` means all layers.
         gumbel_temperature (`float`, defaults to `1.0`):
             Temperature of the Gumbel-Softmax that samples the layer choice during training.
         english_gradients (`bool`, defaults to `True`):
             Whether gradients flow through the English pass (as in the paper). `False` runs it without autograd,
             which saves the memory and time of its backward.
-        decision_maker_init (`str`, defaults to `"normal"`):
-            `"zeros"` starts the Decision Maker at a uniform choice over the candidate layers; `"english_variance"`
-            starts it favouring the layers whose English activation varies most across training prompts.
-        injection_scaling (`str`, defaults to `"none"`):
-            `"residual_norm"` rescales each source activation to the norm of the residual stream at the anchor.
-        injection_gate_init (`float`, *optional*):
-            A learned gate per candidate layer, starting at this value, multiplies the injected activation (the
-            recommended setting starts it at 0.3).
-        gumbel_temperature_final (`float`, *optional*):
-            Anneal the temperature geometrically to this value over training.
-        soft_choice_fraction (`float`, defaults to `0.0`):
-            Fraction of training that injects the soft mixture instead of a one-hot choice.
-        soft_choice (`str`, defaults to `"gumbel"`):
-            The soft mixture: a soft Gumbel-Softmax sample, or `"expected"`, the noise-free softmax of the logits.
-        decision_maker_start_fraction (`float`, defaults to `0.0`):
-            Fraction of training during which the Decision Maker's choice is applied but not learned.
-        decision_maker_gradient (`str`, defaults to `"straight_through"`):
-            How the Decision Maker learns: the straight-through Gumbel-Softmax gradient, or `"score_function"`, a
-            REINFORCE estimate from the per-row losses of the layers actually injected.
-        choice_balance_weight (`float`, defaults to `0.0`):
-            Weight of the load-balancing term KL(mean choice probabilities || uniform) added to the loss.
+        decision_maker (`Literal["paper", "variance_reinforce_gated"]`, defaults to `"paper"`):
+            How the Decision Maker starts and learns: `"paper"` (normal initialisation, straight-through Gumbel-Softmax
+            gradients) or `"variance_reinforce_gated"` (see [`VarianceReinforceConfig`]).
+        variance_reinforce_config ([`VarianceReinforceConfig`], *optional*):
+            The knobs of `"variance_reinforce_gated"`; `None` uses their defaults.
         ffn_output_module (`str`, *optional*):
             Name, inside each decoder layer, of the module whose output is the FFN's contribution to the residual
             stream. `None` infers it for the supported architectures.
@@ -119,101 +121,26 @@ class CCConfig(LoraConfig):
             )
         },
     )
-    decision_maker_init: str = field(
-        default="normal",
+    decision_maker: DecisionMakerStrategy = field(
+        default="paper",
         metadata={
             "help": (
-                "Initialisation of the Decision Maker: 'normal' (std `initializer_range`, as in the paper), 'zeros' "
-                "(every candidate layer equally likely at the start, whatever the activations' norms) or "
-                "'english_variance' (the normal initialisation, then, from the first training examples, each layer "
-                "made as likely as its share of the variance of the English activations across prompts, of their "
-                "directions with `injection_scaling='residual_norm'`: a layer whose activation at the anchor is the "
-                "same for every prompt carries nothing about the prompt). "
-                "'english_variance' needs `CCModel.initialize_decision_maker` before training; CCSFTTrainer calls "
-                "it on `decision_maker_init_examples` training examples."
+                "How the Decision Maker starts and learns. 'paper': normal initialisation (std "
+                "`initializer_range`) and the straight-through gradient of the Gumbel-Softmax sample. "
+                "'variance_reinforce_gated' (recommended in docs/decision_maker.md): starts favouring the layers "
+                "whose English activation varies most across training prompts (the trainer computes this from "
+                "training examples; without it, call `CCModel.initialize_decision_maker`), learns by REINFORCE "
+                "after `variance_reinforce_config.start_fraction` of training, and scales the injection by a "
+                "learned gate per layer. Its forward returns `decision_maker_loss`, which the caller adds to the loss."
             )
         },
     )
-    injection_scaling: str = field(
-        default="none",
-        metadata={
-            "help": (
-                "How the chosen English activation is scaled before it is added: 'none' (as in the paper) or "
-                "'residual_norm' (every source activation is rescaled to the norm of the residual stream at the "
-                "anchor it is added to, so that layers of very different activation norms perturb it equally)."
-            )
-        },
-    )
-    injection_gate_init: float | None = field(
+    variance_reinforce_config: VarianceReinforceConfig | None = field(
         default=None,
         metadata={
             "help": (
-                "If set, the Decision Maker also holds a learned gate per candidate layer, `[S]` float32, that "
-                "multiplies the chosen activation before it is added, starting at this value: 0 starts as LoRA "
-                "alone and lets the loss decide how much of each layer to inject (it learns from the first step; "
-                "the trainer's `injection_gate_learning_rate` sets its rate); 0.3 is the recommended setting's "
-                "(`DECISION_MAKER_PRESETS['variance_reinforce_gated']`). None (the paper) injects the activation as "
-                "it is."
-            )
-        },
-    )
-    gumbel_temperature_final: float | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "If set, the Gumbel-Softmax temperature anneals geometrically from `gumbel_temperature` to this "
-                "value over training (the trainer reports the progress). None keeps it constant, as in the paper."
-            )
-        },
-    )
-    soft_choice_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "Fraction of training (0..1) during which the connection injects the soft Gumbel-Softmax mixture of "
-                "all candidate layers instead of a one-hot choice. 0 (the paper) is hard from the start."
-            )
-        },
-    )
-    soft_choice: str = field(
-        default="gumbel",
-        metadata={
-            "help": (
-                "The mixture injected during `soft_choice_fraction`: 'gumbel' (a soft Gumbel-Softmax sample, new "
-                "noise every step) or 'expected' (softmax(logits / temperature) without noise: every candidate "
-                "layer in proportion to its probability, the same mixture for the same prompt)."
-            )
-        },
-    )
-    decision_maker_start_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "Fraction of training (0..1) before the Decision Maker starts learning: until then its choice is "
-                "applied but receives no gradient, so that LoRA can first learn to read the injected activations. "
-                "0 (the paper) trains it from the first step."
-            )
-        },
-    )
-    decision_maker_gradient: str = field(
-        default="straight_through",
-        metadata={
-            "help": (
-                "How the Decision Maker learns from a hard choice: 'straight_through' (the paper: the gradient of "
-                "the soft Gumbel-Softmax sample, a first-order estimate of what mixing in another layer would do) or "
-                "'score_function' (REINFORCE: each row's loss minus the mean loss of the other rows of the batch, "
-                "times the gradient of the log-probability of the layer it injected; it compares what the injected "
-                "layers actually did; a batch of one row is compared with a running mean of past losses). "
-                "'score_function' needs `labels` in the forward call and a hard choice (`soft_choice_fraction=0`)."
-            )
-        },
-    )
-    choice_balance_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "Weight of a load-balancing term added to the training loss: KL(mean choice probabilities over the "
-                "batch || uniform), which keeps the Decision Maker from collapsing early. 0 (the paper) adds nothing."
+                "The knobs of decision_maker='variance_reinforce_gated' (start_fraction, gate_init); None uses "
+                "their defaults."
             )
         },
     )
@@ -228,28 +155,9 @@ class CCConfig(LoraConfig):
         },
     )
 
-    decoder_num_layers: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Number of decoder layers of the model the adapter was made for. Filled in by get_peft_model; "
-                "loading onto a model of another depth fails."
-            )
-        },
-    )
-    decoder_hidden_size: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Hidden size of the model the adapter was made for. Filled in by get_peft_model; loading onto a "
-                "model of another hidden size fails."
-            )
-        },
-    )
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
+        self.peft_type = cc_peft_type()
         if self.task_type is None:
             self.task_type = "CAUSAL_LM"
         if self.task_type != "CAUSAL_LM":
@@ -270,55 +178,35 @@ class CCConfig(LoraConfig):
             raise ValueError(f"`gumbel_temperature` must be a number > 0, got {self.gumbel_temperature!r}.")
         if not isinstance(self.english_gradients, bool):
             raise ValueError(f"`english_gradients` must be True or False, got {self.english_gradients!r}.")
-        if self.decision_maker_init not in DECISION_MAKER_INITS:
+        if self.decision_maker not in DECISION_MAKER_STRATEGIES:
             raise ValueError(
-                f"`decision_maker_init` must be one of {', '.join(map(repr, DECISION_MAKER_INITS))}, "
-                f"got {self.decision_maker_init!r}."
+                f"`decision_maker` must be one of {', '.join(map(repr, DECISION_MAKER_STRATEGIES))}, "
+                f"got {self.decision_maker!r}."
             )
-        if self.injection_scaling not in ("none", "residual_norm"):
-            raise ValueError(f"`injection_scaling` must be 'none' or 'residual_norm', got {self.injection_scaling!r}.")
-        if self.injection_gate_init is not None and (
-            not _is_number(self.injection_gate_init) or not math.isfinite(self.injection_gate_init)
-        ):
+        if isinstance(self.variance_reinforce_config, dict):  # as read back from adapter_config.json
+            self.variance_reinforce_config = VarianceReinforceConfig(**self.variance_reinforce_config)
+        if self.variance_reinforce_config is not None and self.decision_maker != "variance_reinforce_gated":
             raise ValueError(
-                f"`injection_gate_init` must be a finite number or None, got {self.injection_gate_init!r}."
+                "`variance_reinforce_config` configures decision_maker='variance_reinforce_gated', but "
+                f"`decision_maker` is {self.decision_maker!r}: select the strategy, or leave the sub-config None."
             )
-        if self.gumbel_temperature_final is not None and (
-            not _is_number(self.gumbel_temperature_final) or not self.gumbel_temperature_final > 0
-        ):
-            raise ValueError(
-                f"`gumbel_temperature_final` must be a number > 0 or None, got {self.gumbel_temperature_final!r}."
-            )
-        if isinstance(self.soft_choice_fraction, bool) or not 0 <= self.soft_choice_fraction <= 1:
-            raise ValueError(f"`soft_choice_fraction` must lie in [0, 1], got {self.soft_choice_fraction!r}.")
-        if self.soft_choice not in ("gumbel", "expected"):
-            raise ValueError(f"`soft_choice` must be 'gumbel' or 'expected', got {self.soft_choice!r}.")
-        if isinstance(self.decision_maker_start_fraction, bool) or not 0 <= self.decision_maker_start_fraction <= 1:
-            raise ValueError(
-                f"`decision_maker_start_fraction` must lie in [0, 1], got {self.decision_maker_start_fraction!r}."
-            )
-        if self.decision_maker_gradient not in ("straight_through", "score_function"):
-            raise ValueError(
-                "`decision_maker_gradient` must be 'straight_through' or 'score_function', "
-                f"got {self.decision_maker_gradient!r}."
-            )
-        if self.decision_maker_gradient == "score_function" and self.soft_choice_fraction > 0:
-            raise ValueError(
-                "`decision_maker_gradient='score_function'` learns from the layer each row injected, so it needs a "
-                f"hard choice from the start: set `soft_choice_fraction=0` (got {self.soft_choice_fraction})."
-            )
-        if isinstance(self.choice_balance_weight, bool) or not self.choice_balance_weight >= 0:
-            raise ValueError(f"`choice_balance_weight` must be >= 0, got {self.choice_balance_weight!r}.")
+        if self.decision_maker == "variance_reinforce_gated" and self.variance_reinforce_config is None:
+            self.variance_reinforce_config = VarianceReinforceConfig()
         if self.ffn_output_module is not None and not (
             isinstance(self.ffn_output_module, str) and self.ffn_output_module
         ):
             raise ValueError(f"`ffn_output_module` must be a module name or None, got {self.ffn_output_module!r}.")
 
-    def temperature_at(self, progress: float) -> float:
-        """The Gumbel-Softmax temperature at `progress` (0..1) of training."""
-        if self.gumbel_temperature_final is None:
-            return float(self.gumbel_temperature)
-        return float(self.gumbel_temperature * (self.gumbel_temperature_final / self.gumbel_temperature) ** progress)
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """The saved fields of an adapter, with those of adapters saved by peft-cc 0.1 translated (see
+        :func:`~peft_cc.legacy_config.translate_legacy_fields`); PEFT calls this when it loads a config."""
+        return super().check_kwargs(**translate_legacy_fields(kwargs))
+
+    @property
+    def learns_by_reinforce(self) -> bool:
+        """Whether the Decision Maker learns from `decision_maker_loss` (REINFORCE) rather than straight through."""
+        return self.decision_maker == "variance_reinforce_gated"
 
     def resolve_source_layers(self, num_layers: int) -> list[int]:
         """Candidate source layers as non-negative indices for a decoder of `num_layers` layers.

@@ -1,4 +1,4 @@
-"""The Decision Maker: which layer's English activation to inject."""
+"""The Decision Maker: which layer's English activation to inject, and how it learns."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class DecisionMaker(nn.Module):
     def num_sources(self) -> int:
         return self.weight.shape[0]
 
-    def summarize(self, first_layer_input: torch.Tensor, source_activations: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def summarize(first_layer_input: torch.Tensor, source_activations: torch.Tensor) -> torch.Tensor:
         """`z = h_in + mean_l e_l`, in float32.
 
         Args:
@@ -46,37 +47,30 @@ class DecisionMaker(nn.Module):
         """
         return first_layer_input.float() + source_activations.float().mean(dim=1)
 
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """`[B, S]` float32 logits `z Wᵀ` of `[B, d]` inputs, in float32 even under autocast or a bf16 weight."""
+        with torch.autocast(z.device.type, enabled=False):
+            return z.float() @ self.weight.float().T
+
     def forward(
-        self,
-        z: torch.Tensor,
-        gumbel_noise: torch.Tensor | None = None,
-        temperature: float = 1.0,
-        hard: bool = True,
+        self, z: torch.Tensor, gumbel_noise: torch.Tensor | None = None, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose a source layer for each row.
 
         Args:
             z: `[B, d]` input of the Decision Maker.
-            gumbel_noise: `[B, S]` standard Gumbel noise for a training sample (see :func:`sample_gumbel_noise`),
-                or `None` for no noise.
+            gumbel_noise: `[B, S]` standard Gumbel noise for a training sample (see :func:`sample_gumbel_noise`): the
+                choice is the hard Gumbel-Softmax sample at `temperature`, with straight-through gradients (the
+                paper). `None`: the arg-max of the logits, without gradients.
             temperature: Gumbel-Softmax temperature.
-            hard: a one-hot choice: the Gumbel-Softmax sample with straight-through gradients (the paper), or without
-                noise the arg-max of the logits. `False` returns the soft mixture itself: the soft Gumbel-Softmax
-                sample, or without noise `softmax(logits / temperature)`.
 
         Returns:
-            `(choice, logits)`: `choice` `[B, S]` float32, one-hot in value (or a soft mixture when `hard=False`);
-            `logits` `[B, S]` float32.
+            `(choice, logits)`, each `[B, S]` float32; `choice` is one-hot in value.
         """
-        # float32 even where a wrapper casts the weight to bf16 or mixed precision autocasts matrix products
-        with torch.autocast(z.device.type, enabled=False):
-            logits = z.float() @ self.weight.float().T
-        if gumbel_noise is None and hard:
+        logits = self.logits(z)
+        if gumbel_noise is None:
             return nn.functional.one_hot(logits.argmax(dim=-1), self.num_sources).float(), logits
-        noisy = logits if gumbel_noise is None else logits + gumbel_noise
-        soft = torch.softmax(noisy / temperature, dim=-1)
-        if not hard:
-            return soft, logits
+        soft = torch.softmax((logits + gumbel_noise) / temperature, dim=-1)
         one_hot = nn.functional.one_hot(soft.argmax(dim=-1), self.num_sources).to(soft.dtype)
         return one_hot - soft.detach() + soft, logits
 
@@ -103,7 +97,7 @@ def english_variance_prior(source_activations: torch.Tensor) -> torch.Tensor:
 
     A layer whose activation at the anchor is the same for every prompt carries nothing about the prompt; the share
     of `Σ_l Var_n(e_l)` (summed over the `d` features) measures how much prompt-dependent signal each candidate
-    layer would inject, in the units it is injected in (pass unit-norm activations when they are injected rescaled).
+    layer would inject.
 
     Args:
         source_activations: `[N, S, d]` English activations of `N` prompts at the anchor (`N ≥ 2`).
@@ -130,16 +124,13 @@ class ConnectionChoice:
         decision_maker: the adapter's Decision Maker.
         source_activations: `[B', S, d]` English (or simulated English) activations of the candidate layers.
         temperature: the Gumbel-Softmax temperature.
-        sample: draw Gumbel noise (training); otherwise no noise.
-        hard: a one-hot choice (with `sample`, straight-through gradients as in the paper; otherwise the arg-max), or
-            the soft mixture (see :meth:`DecisionMaker.forward`).
-        scale_to_residual: rescale every source activation to the norm of the residual stream it is added to.
+        sample: draw a hard Gumbel-Softmax sample (training); otherwise take the arg-max.
         learn: whether the Decision Maker learns from this choice; `False` applies the choice with zero gradients.
-        score_function: the Decision Maker learns from :meth:`score_function_loss` instead of the straight-through
-            gradient (the injected vector then carries zero gradients to it).
+        reinforce: the Decision Maker learns from :meth:`reinforce_loss` instead of the straight-through gradient
+            (the injected vector then carries zero gradients to it).
 
     After :meth:`vectors_for`: `summary` (`[B', d]` the Decision Maker's input `z`), `choice` and `logits`
-    (`[B', S]`), detached, and `probabilities` (`[B', S]`, in the graph).
+    (`[B', S]`), detached.
     """
 
     def __init__(
@@ -148,61 +139,49 @@ class ConnectionChoice:
         source_activations: torch.Tensor,
         temperature: float = 1.0,
         sample: bool = False,
-        hard: bool = True,
-        scale_to_residual: bool = False,
         learn: bool = True,
-        score_function: bool = False,
+        reinforce: bool = False,
     ) -> None:
         self.decision_maker = decision_maker
-        self.learn = learn
-        self.score_function = score_function
         self.source_activations = source_activations
         self.temperature = temperature
-        self.hard = hard
-        self.scale_to_residual = scale_to_residual
+        self.learn = learn
+        self.reinforce = reinforce
         rows, num_sources = source_activations.shape[:2]
         self.noise = sample_gumbel_noise(rows, num_sources, source_activations.device) if sample else None
         self.choice: torch.Tensor | None = None
         self.summary: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self.probabilities: torch.Tensor | None = None
         self._log_probabilities: torch.Tensor | None = None  # [B', S], gradients to the Decision Maker only
 
-    def vectors_for(self, first_layer_input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def vectors_for(self, first_layer_input: torch.Tensor) -> torch.Tensor:
         """`c = Σ_l s_l g_l e_l`: the `[B', d]` float32 vectors to inject (`g_l = 1` without a gate).
 
         Args:
             first_layer_input: `[B', d]` `h_in`, the hidden state entering the first decoder layer at the anchors.
-            residual: `[B', d]` the residual stream the vectors are added to (the injection layer's output).
         """
         z = self.decision_maker.summarize(first_layer_input, self.source_activations)
         self.summary = z.detach()
-        choice, logits = self.decision_maker(z, self.noise, self.temperature, hard=self.hard)
-        if not self.learn or self.score_function:
+        choice, logits = self.decision_maker(z, self.noise, self.temperature)
+        if not self.learn or self.reinforce:
             # Zero gradients rather than none: distributed data parallel expects one for every trainable parameter.
             choice = choice.detach() + 0.0 * choice
-        if self.learn and self.score_function:
-            _, own_logits = self.decision_maker(z.detach(), hard=False)
-            self._log_probabilities = torch.log_softmax(own_logits, dim=-1)
+        if self.learn and self.reinforce:
+            self._log_probabilities = torch.log_softmax(self.decision_maker.logits(z.detach()), dim=-1)
         self.choice, self.logits = choice.detach(), logits.detach()
-        self.probabilities = torch.softmax(logits, dim=-1)
         sources = self.source_activations.float()
-        if self.scale_to_residual:
-            target = residual.float().norm(dim=-1, keepdim=True).unsqueeze(1)  # [B', 1, 1]
-            sources = sources / sources.norm(dim=-1, keepdim=True).clamp_min(1e-6) * target
         gate = self.decision_maker.gate
         if gate is not None:  # learns from every step, `learn` or not: how much to inject, not which layer
             sources = sources * gate.float().unsqueeze(-1)
         return (choice.unsqueeze(-1) * sources).sum(dim=1)
 
-    def score_function_loss(
+    def reinforce_loss(
         self, row_losses: torch.Tensor, single_row_baseline: float | None = None
     ) -> torch.Tensor | None:
-        """The REINFORCE term of the Decision Maker, for `decision_maker_gradient="score_function"`.
+        """The REINFORCE term of the Decision Maker, whose gradient is `mean_r (ℓ_r − b_r) ∇ log p_r(chosen layer)`.
 
-        Its gradient is `mean_r (ℓ_r − b_r) ∇ log p_r(chosen layer)`, where `ℓ_r` is row `r`'s loss with the layer it
-        injected and the baseline `b_r` the mean loss of the other rows; its value is 0, so adding it to the loss
-        changes no reported number.
+        `ℓ_r` is row `r`'s loss with the layer it injected and the baseline `b_r` the mean loss of the other rows. Its
+        value is 0, so adding it to the loss changes no reported number.
 
         Args:
             row_losses: `[B']` the loss of each connected row (gradients are not taken through it).
@@ -223,13 +202,6 @@ class ConnectionChoice:
         chosen = (self.choice * self._log_probabilities).sum(dim=-1)  # [B'] log p of the injected layer
         surrogate = ((losses - baseline) * chosen).mean()
         return surrogate - surrogate.detach()
-
-    def balance_loss(self) -> torch.Tensor | None:
-        """`KL(p̄ || uniform)` of the mean choice probabilities over the rows: 0 when every layer is equally likely."""
-        if self.probabilities is None or not len(self.probabilities):
-            return None
-        mean = self.probabilities.mean(dim=0)
-        return (mean * (mean.clamp_min(1e-12) * mean.numel()).log()).sum()
 
     def per_row(self, rows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(layer_choice, layer_logits)`, each `[batch_size, S]` float32, zeros on rows not in `rows`."""

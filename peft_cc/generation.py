@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import DynamicCache
 
-from .anchors import last_token_anchors, position_ids_from_attention_mask
+from .anchors import position_ids_from_attention_mask
 
 if TYPE_CHECKING:
     from .model import CCModel
@@ -66,7 +66,7 @@ def _prefill(
     position_ids = position_ids_from_attention_mask(attention_mask)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     anchors = torch.full_like(rows, input_ids.shape[1] - 1)
-    with cc_model._connection.capturing(rows, anchors, layers) as captured:
+    with cc_model.capturing(rows, anchors, layers) as captured:
         model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -122,7 +122,7 @@ def generate_with_connection(
             f"activations. Got connection={connection!r} with english_input_ids "
             f"{'given' if english_input_ids is not None else 'missing'}."
         )
-    adapter_name = cc_model._active_cc_adapter()
+    adapter_name = cc_model.connected_adapter()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if connection == "off" or adapter_name is None:
@@ -134,28 +134,24 @@ def generate_with_connection(
         )
 
     config = cc_model.peft_config[adapter_name]
-    sources = cc_model.source_layers(adapter_name)
     monolingual = connection == "monolingual"
     if monolingual:
         cc_model.require_fitted_transform_matrix(adapter_name)
 
-    cache, activations = None, None
-    if share_prompt_cache and _can_share_cache(cc_model, kwargs):
-        cache, activations = _prefill(cc_model, input_ids, attention_mask, sources if monolingual else [])
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     anchors = torch.full_like(rows, input_ids.shape[1] - 1)
-    if monolingual:
-        if activations is None:
-            activations = cc_model.anchor_activations(input_ids, attention_mask, rows, anchors, sources)
-        activations = cc_model.simulated_english_activations(activations, adapter_name)
+    cache, prompt_activations = None, None
+    if share_prompt_cache and _can_share_cache(cc_model, kwargs):
+        prompt_layers = cc_model.source_layers(adapter_name) if monolingual else []
+        cache, prompt_activations = _prefill(cc_model, input_ids, attention_mask, prompt_layers)
+    if prompt_activations is not None:
+        activations = cc_model.simulated_english_activations(prompt_activations, adapter_name)
     else:
-        english_attention_mask = cc_model._check_english_inputs(input_ids, english_input_ids, english_attention_mask)
-        english_anchors = last_token_anchors(english_attention_mask)
-        if bool((english_anchors < 0).any()):
-            raise ValueError("Every row needs a non-empty English prompt for the bilingual connection.")
-        activations = cc_model.anchor_activations(
-            english_input_ids, english_attention_mask, rows, english_anchors, sources
+        connected, activations = cc_model.english_activations(
+            input_ids, attention_mask, anchors, english_input_ids, english_attention_mask, adapter_name
         )
+        if len(connected) != len(rows):
+            raise ValueError("Every row needs a non-empty English prompt for the bilingual connection.")
 
     expand = _expand_size(cc_model, kwargs)
     choice = cc_model.connection_choice(activations.repeat_interleave(expand, dim=0), adapter_name)
@@ -168,8 +164,8 @@ def generate_with_connection(
     else:
         step_anchor = input_ids.shape[1] - 1  # the first step of generate runs the whole prompt
     step_anchors = torch.full_like(step_rows, step_anchor)
-    with cc_model._connection.injecting(
-        config.injection_layer, step_rows, step_anchors, choice.vectors_for, first_pass_only=True
+    with cc_model.injecting(
+        config.injection_layer, step_rows, step_anchors, choice.vectors_for, adapter_name, first_pass_only=True
     ) as injection:
         outputs = cc_model.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     if not injection.applied:

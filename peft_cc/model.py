@@ -1,9 +1,16 @@
-"""The CC-Tuning tuner: LoRA plus the Decision Maker, the Transform Matrix and the cross-lingual connection."""
+"""The CC-Tuning tuner: LoRA plus the Decision Maker, the Transform Matrix and the cross-lingual connection.
+
+Where the connection is injected: :meth:`CCModel.forward` (training and scoring) and
+:func:`peft_cc.generation.generate_with_connection` (generation) arm :meth:`CCModel.injecting`, whose hooks
+(:class:`peft_cc.connection.CrossLingualConnection`) add the chosen English activation after decoder layer
+`injection_layer`, at the anchor.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,28 +24,12 @@ from transformers.utils import ModelOutput
 from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_attention_mask, validate_anchors
 from .architecture import DecoderMap, map_decoder
 from .config import CCConfig
-from .connection import CrossLingualConnection
+from .connection import FIRST_LAYER_INPUT, CrossLingualConnection
 from .decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior
 from .generation import generate_with_connection
 
 DECISION_MAKER_KEY = "cc_decision_maker"
 TRANSFORM_MATRIX_KEY = "cc_transform_matrix"
-
-
-def _record_decoder_shape(config: CCConfig, decoder: DecoderMap) -> None:
-    """Fill in the decoder shape of a new adapter; refuse a loaded adapter made for another shape."""
-    for field_name, actual in (
-        ("decoder_num_layers", decoder.num_layers),
-        ("decoder_hidden_size", decoder.hidden_size),
-    ):
-        recorded = getattr(config, field_name)
-        if recorded is None:
-            setattr(config, field_name, actual)
-        elif recorded != actual:
-            raise ValueError(
-                f"This CC-Tuning adapter was made for another base model: it expects {field_name}={recorded}, "
-                f"this model has {actual}. Load it onto the base model it was trained on."
-            )
 
 
 @dataclass
@@ -50,11 +41,14 @@ class CCCausalLMOutputWithPast(CausalLMOutputWithPast):
         layer_choice: `[B, S]` float, the one-hot source-layer choice of each connected row (zeros for unconnected
             rows), detached; columns follow the adapter's candidate source layers.
         layer_logits: `[B, S]` float, the Decision Maker's logits (zeros for unconnected rows), detached.
+        decision_maker_loss: the Decision Maker's auxiliary loss, a scalar to add to the training loss (see
+            :meth:`CCModel.forward`); `None` when no gradient is computed.
     """
 
     connected_rows: torch.BoolTensor | None = None
     layer_choice: torch.FloatTensor | None = None
     layer_logits: torch.FloatTensor | None = None
+    decision_maker_loss: torch.FloatTensor | None = None
 
     @property
     def num_unconnected_rows(self) -> int:
@@ -66,29 +60,30 @@ class CCModel(LoraModel):
     """CC-Tuning (Cross-lingual Connection Tuning) on top of LoRA.
 
     Created by `peft.get_peft_model(model, CCConfig(...))` once `peft_cc` is imported. Next to LoRA it holds, per
-    adapter, the Decision Maker (`cc_decision_maker`, `S×d`, and with `injection_gate_init` a gate `S`, trained) and
-    the Transform Matrix (`cc_transform_matrix`, `d×d`, fitted after training, never trained by gradient).
+    adapter, the Decision Maker (`cc_decision_maker`, `S×d`, and for the gated strategy a gate `S`; trained) and the
+    Transform Matrix (`cc_transform_matrix`, `d×d`, fitted after training, never trained by gradient), and its own
+    hooks on the decoder (inert unless the adapter is active and a forward or `generate` arms them).
 
     A forward call given the English prompt does one whole CC-Tuning step::
 
-        model(input_ids=..., attention_mask=..., labels=..., english_input_ids=..., english_attention_mask=...)
+        outputs = model(
+            input_ids=..., attention_mask=..., labels=..., english_input_ids=..., english_attention_mask=...
+        )
+        loss = outputs.loss + outputs.decision_maker_loss
 
     It runs the English prompt through the decoder and records its FFN activations at the English anchor (the last
     token of `english_input_ids`), lets the Decision Maker pick one source layer per row, and runs the non-English
     sequence with that activation added to the residual stream after layer `injection_layer`, at the anchor (the
-    last prompt token: just before the first supervised label, or `anchor_positions`). It returns a
-    [`CCCausalLMOutputWithPast`].
+    last prompt token: just before the first supervised label, or `anchor_positions`).
     """
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        self._decoder: DecoderMap | None = None
-        self._connection: CrossLingualConnection | None = None
+        self._connections: dict[str, CrossLingualConnection] = {}
         self._connection_enabled = True
         self.training_progress = 0.0
-        # Adapters whose `decision_maker_init` needs training examples (see `initialize_decision_maker`).
+        # Adapters whose Decision Maker waits for `initialize_decision_maker` (the gated strategy's start).
         self._decision_makers_to_initialize: set[str] = set()
-        self._recorded_choices: list[ConnectionChoice] | None = None
-        # Per adapter, a running mean of the connected rows' losses: the score-function baseline of one-row batches.
+        # Per adapter, a running mean of the connected rows' losses: the REINFORCE baseline of one-row batches.
         self._running_row_loss: dict[str, float] = {}
         # What the adapter's model card reports beyond its configuration (see `peft_cc.model_card`).
         self.model_card_facts: dict[str, Any] = {}
@@ -99,13 +94,10 @@ class CCModel(LoraModel):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         config: CCConfig = self.peft_config[adapter_name]
         decoder = map_decoder(model, config.ffn_output_module)
-        _record_decoder_shape(config, decoder)
-        sources = config.resolve_source_layers(decoder.num_layers)
+        num_sources = len(config.resolve_source_layers(decoder.num_layers))
         super().inject_adapter(model, adapter_name, **kwargs)
-        self._add_connection_parameters(adapter_name, config, decoder, num_sources=len(sources))
-        if self._connection is None:
-            self._decoder = decoder
-            self._connection = CrossLingualConnection(decoder)
+        self._add_connection_parameters(adapter_name, config, decoder, num_sources)
+        self._connections[adapter_name] = CrossLingualConnection(decoder)
 
     def _add_connection_parameters(
         self, adapter_name: str, config: CCConfig, decoder: DecoderMap, num_sources: int
@@ -114,26 +106,33 @@ class CCModel(LoraModel):
             self.cc_decision_maker = nn.ModuleDict()
             self.cc_transform_matrix = BufferDict(persistent=True)
         device = next(decoder.layers[0].parameters()).device
-        text_config = self.model.config.get_text_config()
+        strategy = config.variance_reinforce_config
         decision_maker = DecisionMaker(
             num_sources,
             decoder.hidden_size,
-            init_std=getattr(text_config, "initializer_range", 0.02),
-            gate_init=config.injection_gate_init,
+            init_std=getattr(self.model.config.get_text_config(), "initializer_range", 0.02),
+            gate_init=strategy.gate_init if strategy is not None else None,
         )
         # PEFT creates adapter weights on the meta device when it loads with low_cpu_mem_usage=True.
         decision_maker = (
             decision_maker.to_empty(device=device) if decision_maker.weight.is_meta else decision_maker.to(device)
         )
-        if config.decision_maker_init == "zeros":
-            nn.init.zeros_(decision_maker.weight)
-        if config.decision_maker_init == "english_variance" and not config.inference_mode:
+        if config.decision_maker == "variance_reinforce_gated" and not config.inference_mode:
             self._decision_makers_to_initialize.add(adapter_name)
         decision_maker.requires_grad_(not config.inference_mode)
         self.cc_decision_maker[adapter_name] = decision_maker
         self.cc_transform_matrix[adapter_name] = torch.zeros(
             decoder.hidden_size, decoder.hidden_size, dtype=torch.float32, device=device
         )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter: its LoRA weights, Decision Maker, Transform Matrix and hooks."""
+        super().delete_adapter(adapter_name)
+        del self.cc_decision_maker[adapter_name]
+        del self.cc_transform_matrix[adapter_name]
+        self._connections.pop(adapter_name).remove()
+        self._decision_makers_to_initialize.discard(adapter_name)
+        self._running_row_loss.pop(adapter_name, None)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
@@ -145,14 +144,18 @@ class CCModel(LoraModel):
             "(Decision Maker and Transform Matrix) is not part of the base model's weights and is dropped.",
             stacklevel=3,
         )
-        if self._connection is not None:
-            self._connection.remove()
-            self._connection = None
+        for connection in self._connections.values():
+            connection.remove()
+        self._connections.clear()
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
-    def _active_cc_adapter(self) -> str | None:
-        """The adapter whose connection applies, or `None` when adapters are disabled."""
-        if not self._connection_enabled or self._connection is None:
+    def connected_adapter(self) -> str | None:
+        """The adapter whose connection applies: the one active adapter, or `None` when adapters are disabled.
+
+        Raises:
+            ValueError: when several adapters are active (the connection of one adapter at a time applies).
+        """
+        if not self._connection_enabled or not self._connections:
             return None
         if len(self.active_adapters) != 1:
             raise ValueError(f"The CC-Tuning connection needs exactly one active adapter, got {self.active_adapters}.")
@@ -162,14 +165,23 @@ class CCModel(LoraModel):
         """The Decision Maker of `adapter_name` (default: the active adapter)."""
         return self.cc_decision_maker[adapter_name or self.active_adapters[0]]
 
-    def transform_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
-        """The `[d, d]` float32 Transform Matrix of `adapter_name` (default: the active adapter)."""
-        return self.cc_transform_matrix[adapter_name or self.active_adapters[0]]
+    def decoder(self, adapter_name: str | None = None) -> DecoderMap:
+        """The decoder layers and FFN outputs that the connection of `adapter_name` (default: active) hooks."""
+        return self._connection_of(adapter_name).decoder
 
     def source_layers(self, adapter_name: str | None = None) -> list[int]:
         """The candidate source layers of `adapter_name` (default: the active adapter), as layer indices."""
-        config: CCConfig = self.peft_config[adapter_name or self.active_adapters[0]]
-        return config.resolve_source_layers(self._decoder.num_layers)
+        adapter_name = adapter_name or self.active_adapters[0]
+        return self.peft_config[adapter_name].resolve_source_layers(self.decoder(adapter_name).num_layers)
+
+    def _connection_of(self, adapter_name: str | None) -> CrossLingualConnection:
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self._connections:
+            raise ValueError(
+                f"The CC-Tuning adapter {adapter_name!r} has no connection on this model (unknown adapter, or the "
+                "model was unloaded)."
+            )
+        return self._connections[adapter_name]
 
     # ------------------------------------------------------------------------------------------------ forward
 
@@ -188,187 +200,115 @@ class CCModel(LoraModel):
           activations simulated by the fitted Transform Matrix.
         - Otherwise, in eval mode (or with adapters disabled): the model with LoRA only.
 
+        When the connection runs, the output also holds `connected_rows`, `layer_choice`, `layer_logits` (see
+        [`CCCausalLMOutputWithPast`]) and, when gradients are computed, `decision_maker_loss`: the Decision Maker's
+        auxiliary loss, which the caller adds to the loss, as for PEFT's `LoraModel._get_kasa_loss`
+        (`CCSFTTrainer` does). Its value is 0; its gradient is the REINFORCE estimate of the gated strategy, and
+        zero (keeping the Decision Maker in the graph, as distributed data parallel needs) otherwise.
+
         Args:
             english_input_ids: `[B, T_en]` the English prompt of each row, templated like the non-English prompt and
                 ending with the generation prompt; right or left padded.
             english_attention_mask: `[B, T_en]` 1 for tokens, 0 for padding (default: all tokens).
             anchor_positions: `[B]` LongTensor, the anchor of each row (`-1`: do not connect this row). Default: the
                 position before the first label that is not -100.
-            **kwargs: passed to the model (`input_ids`, `attention_mask`, `labels`, ...).
+            **kwargs: passed to the model (`input_ids`, `attention_mask`, `labels`, TRL's `fused_lm_head`, ...).
         """
-        adapter_name = self._active_cc_adapter()
+        adapter_name = self._adapter_to_connect(english_input_ids, anchor_positions)
         if adapter_name is None:
             return self.model(*args, **kwargs)
-        if self.training and torch.is_grad_enabled() and adapter_name in self._decision_makers_to_initialize:
-            raise ValueError(
-                f"The Decision Maker of adapter '{adapter_name}' has `decision_maker_init='english_variance'`, which "
-                "is computed from training examples: call `model.base_model.initialize_decision_maker(batches)` "
-                "before training (CCSFTTrainer does it)."
-            )
-        if english_input_ids is None:
-            if self.training and torch.is_grad_enabled():
-                raise ValueError(
-                    "CC-Tuning trains with the English version of each prompt: pass `english_input_ids` (and "
-                    "`english_attention_mask`) to the forward call. To run without the connection, use "
-                    "`with model.disable_adapter():` or put the model in eval mode."
-                )
-            if anchor_positions is None:
-                return self.model(*args, **kwargs)
-        if args:
-            kwargs["input_ids"], *rest = args
-            if rest:
-                raise TypeError("Pass the inputs of a CC-Tuning forward call as keyword arguments.")
+        kwargs = _as_keywords(args, kwargs)
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("The CC-Tuning connection needs `input_ids` (inputs_embeds alone are not supported).")
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        anchors = self._anchors(input_ids, attention_mask, kwargs.get("labels"), anchor_positions)
-        config: CCConfig = self.peft_config[adapter_name]
-        sources = self.source_layers(adapter_name)
-
-        if english_input_ids is None:
-            rows = (anchors >= 0).nonzero().squeeze(-1)
-            activations = self.simulated_english_activations(
-                self.anchor_activations(input_ids, attention_mask, rows, anchors[rows], sources), adapter_name
-            )
-        else:
-            english_attention_mask = self._check_english_inputs(input_ids, english_input_ids, english_attention_mask)
-            english_anchors = last_token_anchors(english_attention_mask.to(anchors.device))
-            rows = ((anchors >= 0) & (english_anchors >= 0)).nonzero().squeeze(-1)
-            activations = self.anchor_activations(
-                english_input_ids,
-                english_attention_mask,
-                rows,
-                english_anchors[rows],
-                sources,
-                config.english_gradients,
-            )
-
+        anchors = _anchors(input_ids, attention_mask, kwargs.get("labels"), anchor_positions)
+        rows, activations = self.english_activations(
+            input_ids, attention_mask, anchors, english_input_ids, english_attention_mask, adapter_name
+        )
         choice = self.connection_choice(activations, adapter_name)
-        with self._connection.injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for):
+        config: CCConfig = self.peft_config[adapter_name]
+        with self.injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for, adapter_name):
             outputs = self.model(**kwargs)
-        if self._recorded_choices is not None:
-            self._recorded_choices.append(choice)
         if not isinstance(outputs, ModelOutput):
             return outputs
-        labels = kwargs.get("labels")
-        if choice.score_function and outputs.loss is not None and labels is not None and len(rows):
-            row_losses = _row_losses(outputs.logits, labels)[rows]
-            running = self._running_row_loss.get(adapter_name)
-            reinforce = choice.score_function_loss(row_losses, single_row_baseline=running)
-            if reinforce is not None:
-                outputs.loss = outputs.loss + reinforce
-            mean = float(row_losses.mean())
-            self._running_row_loss[adapter_name] = mean if running is None else 0.9 * running + 0.1 * mean
-        balance_loss = choice.balance_loss() if self.training and config.choice_balance_weight > 0 else None
-        if balance_loss is not None and outputs.loss is not None:
-            outputs.loss = outputs.loss + config.choice_balance_weight * balance_loss
-        if len(rows) == 0 and outputs.loss is not None and torch.is_grad_enabled():
-            # No row was connected, so the Decision Maker took no part in the loss. Keep it in the graph with a zero
-            # gradient: distributed data parallel expects every trainable parameter to receive one in every step.
-            outputs.loss = outputs.loss + 0.0 * self.cc_decision_maker[adapter_name].weight.sum()
+        layer_choice, layer_logits = choice.per_row(rows, input_ids.shape[0])
         connected = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         connected[rows] = True
-        layer_choice, layer_logits = choice.per_row(rows, input_ids.shape[0])
-        return CCCausalLMOutputWithPast(
-            **outputs, connected_rows=connected, layer_choice=layer_choice, layer_logits=layer_logits
-        )
+        facts = {
+            "connected_rows": connected,
+            "layer_choice": layer_choice,
+            "layer_logits": layer_logits,
+            "decision_maker_loss": self._decision_maker_loss(
+                choice, outputs, kwargs.get("labels"), rows, adapter_name
+            ),
+        }
+        if type(outputs) is CausalLMOutputWithPast:
+            return CCCausalLMOutputWithPast(**outputs, **facts)
+        for key, value in facts.items():  # another output type (e.g. TRL's fused LM head): the same keys added
+            outputs[key] = value
+        return outputs
 
-    def needs_decision_maker_initialization(self, adapter_name: str | None = None) -> bool:
-        """Whether the Decision Maker of `adapter_name` (default: the active adapter) waits for
-        :meth:`initialize_decision_maker` before it can train (`decision_maker_init="english_variance"`)."""
-        return (adapter_name or self.active_adapters[0]) in self._decision_makers_to_initialize
+    def _adapter_to_connect(
+        self, english_input_ids: torch.Tensor | None, anchor_positions: torch.Tensor | None
+    ) -> str | None:
+        """The adapter whose connection this forward call applies, or `None` for the model with LoRA only."""
+        adapter_name = self.connected_adapter()
+        if adapter_name is None:
+            return None
+        training = self.training and torch.is_grad_enabled()
+        if training and adapter_name in self._decision_makers_to_initialize:
+            raise ValueError(
+                f"The Decision Maker of adapter '{adapter_name}' (decision_maker='variance_reinforce_gated') starts "
+                "from the variance of the English activations of training examples: call "
+                "`model.base_model.initialize_decision_maker(batches)` before training (CCSFTTrainer does it)."
+            )
+        if english_input_ids is None and training:
+            raise ValueError(
+                "CC-Tuning trains with the English version of each prompt: pass `english_input_ids` (and "
+                "`english_attention_mask`) to the forward call. To run without the connection, use "
+                "`with model.disable_adapter():` or put the model in eval mode."
+            )
+        if english_input_ids is None and anchor_positions is None:
+            return None
+        return adapter_name
 
-    @torch.no_grad()
-    def initialize_decision_maker(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Favour, in the active adapter's Decision Maker, the layers whose English activation varies most.
+    def english_activations(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        anchors: torch.Tensor,
+        english_input_ids: torch.LongTensor | None = None,
+        english_attention_mask: torch.Tensor | None = None,
+        adapter_name: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The English FFN activations of the candidate layers at each row's anchor: real or simulated.
 
-        The data-dependent step of `decision_maker_init="english_variance"`, done once before training
-        (CCSFTTrainer does it): each batch goes through the bilingual connection without gradients, and the
-        Decision Maker's logits are shifted by the log of each layer's share of the variance of the English
-        activations across the rows (:func:`~peft_cc.decision_maker.english_variance_prior`,
-        :meth:`~peft_cc.decision_maker.DecisionMaker.favour`). Other adapters' Decision Makers are untouched.
+        With `english_input_ids` (bilingual), the English prompts run through the decoder and their activations are
+        read at their last token (with autograd when the adapter has `english_gradients` and gradients are on).
+        Without (monolingual), the prompts' own activations at `anchors` are mapped by the fitted Transform Matrix
+        (:meth:`simulated_english_activations`).
 
         Args:
-            batches: keyword arguments of training forward calls (`input_ids`, `attention_mask`, `labels`,
-                `english_input_ids`, `english_attention_mask`); at least 2 connected rows in all.
+            input_ids: `[B, T]` the (non-English) sequences.
+            attention_mask: `[B, T]`.
+            anchors: `[B]` the anchor of each row, `-1` for none.
+            english_input_ids: `[B, T_en]` the English prompts, or `None`.
+            english_attention_mask: `[B, T_en]` (default: all ones).
+            adapter_name: default the active adapter.
 
         Returns:
-            `[S]` float32, the prior: each candidate layer's share of the variance.
-        """
-        adapter_name = self._active_cc_adapter()
-        if adapter_name is None:
-            raise ValueError("initialize_decision_maker needs the CC-Tuning adapter enabled and active.")
-        was_training = self.training
-        self._recorded_choices = choices = []
-        self.eval()
-        try:
-            for batch in batches:
-                if batch.get("english_input_ids") is None:
-                    raise ValueError("initialize_decision_maker needs batches with `english_input_ids`.")
-                self.forward(**batch)
-        finally:
-            self._recorded_choices = None
-            self.train(was_training)
-        connected = [choice for choice in choices if choice.summary is not None and len(choice.summary)]
-        if not connected:
-            raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
-        activations = torch.cat([choice.source_activations for choice in connected]).float()
-        if self.peft_config[adapter_name].injection_scaling == "residual_norm":
-            # What is injected then is each activation's direction, at the residual stream's norm.
-            activations = activations / activations.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        log_prior = english_variance_prior(activations)
-        self.cc_decision_maker[adapter_name].favour(log_prior, torch.cat([choice.summary for choice in connected]))
-        self._decision_makers_to_initialize.discard(adapter_name)
-        return log_prior.exp()
-
-    def set_training_progress(self, progress: float) -> None:
-        """Tell the connection how far training is (0..1): the temperature schedule and soft phase depend on it."""
-        self.training_progress = min(max(float(progress), 0.0), 1.0)
-
-    def connection_choice(self, source_activations: torch.Tensor, adapter_name: str | None = None) -> ConnectionChoice:
-        """The Decision Maker's choice over `[B', S, d]` source activations, as configured for the current mode.
-
-        In training mode it samples (hard Gumbel-Softmax, or during `soft_choice_fraction` the soft mixture of
-        `soft_choice`), at the temperature of the current training progress, and the Decision Maker learns from
-        `decision_maker_start_fraction` on; in eval mode it takes the arg-max.
+            `(rows, activations)`: `[B']` the rows that can be connected (an anchor, and a non-empty English prompt
+            when given), and their `[B', S, d]` activations (model dtype when real, float32 when simulated).
         """
         adapter_name = adapter_name or self.active_adapters[0]
-        config: CCConfig = self.peft_config[adapter_name]
-        hard = not self.training or self.training_progress >= config.soft_choice_fraction
-        return ConnectionChoice(
-            self.cc_decision_maker[adapter_name],
-            source_activations,
-            temperature=config.temperature_at(self.training_progress),
-            sample=self.training and (hard or config.soft_choice == "gumbel"),
-            hard=hard,
-            scale_to_residual=config.injection_scaling == "residual_norm",
-            learn=self.training_progress >= config.decision_maker_start_fraction,
-            score_function=self.training and hard and config.decision_maker_gradient == "score_function",
-        )
-
-    def generate(self, *args, **kwargs):
-        """`generate` with the connection at the last prompt token of every (left-padded) row.
-
-        Takes the arguments of `transformers.GenerationMixin.generate`, plus `english_input_ids`,
-        `english_attention_mask` and `connection` (`"monolingual"`, `"bilingual"` or `"off"`); see
-        :func:`peft_cc.generation.generate_with_connection`.
-        """
-        if args:
-            kwargs["input_ids"], *rest = args
-            if rest:
-                raise TypeError("Pass the inputs of generate() as keyword arguments.")
-        if kwargs.get("input_ids") is None:
-            raise ValueError("Generation with the CC-Tuning connection needs `input_ids`.")
-        return generate_with_connection(self, **kwargs)
-
-    @staticmethod
-    def _check_english_inputs(
-        input_ids: torch.Tensor, english_input_ids: torch.Tensor, english_attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Validate the English inputs against `input_ids`; return the English attention mask (default: all ones)."""
+        sources = self.source_layers(adapter_name)
+        if english_input_ids is None:
+            rows = (anchors >= 0).nonzero().squeeze(-1)
+            prompt = self.anchor_activations(input_ids, attention_mask, rows, anchors[rows], sources)
+            return rows, self.simulated_english_activations(prompt, adapter_name)
         if english_attention_mask is None:
             english_attention_mask = torch.ones_like(english_input_ids)
         if english_input_ids.shape[0] != input_ids.shape[0] or english_attention_mask.shape != english_input_ids.shape:
@@ -377,24 +317,86 @@ class CCModel(LoraModel):
                 f"{tuple(english_attention_mask.shape)} must have one row per row of `input_ids` "
                 f"{tuple(input_ids.shape)}."
             )
-        return english_attention_mask
+        english_anchors = last_token_anchors(english_attention_mask.to(anchors.device))
+        rows = ((anchors >= 0) & (english_anchors >= 0)).nonzero().squeeze(-1)
+        with_autograd = self.peft_config[adapter_name].english_gradients
+        activations = self.anchor_activations(
+            english_input_ids, english_attention_mask, rows, english_anchors[rows], sources, with_autograd
+        )
+        return rows, activations
 
-    @staticmethod
-    def _anchors(
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+    def connection_choice(self, source_activations: torch.Tensor, adapter_name: str | None = None) -> ConnectionChoice:
+        """The Decision Maker's choice over `[B', S, d]` source activations, as configured for the current mode.
+
+        In training mode it samples a hard Gumbel-Softmax choice; with the gated strategy the Decision Maker learns
+        by REINFORCE from `start_fraction` of training on (:meth:`set_training_progress`). In eval mode it takes
+        the arg-max.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        config: CCConfig = self.peft_config[adapter_name]
+        strategy = config.variance_reinforce_config
+        return ConnectionChoice(
+            self.cc_decision_maker[adapter_name],
+            source_activations,
+            temperature=config.gumbel_temperature,
+            sample=self.training,
+            learn=strategy is None or self.training_progress >= strategy.start_fraction,
+            reinforce=self.training and config.learns_by_reinforce,
+        )
+
+    def _decision_maker_loss(
+        self,
+        choice: ConnectionChoice,
+        outputs: ModelOutput,
         labels: torch.Tensor | None,
-        anchor_positions: torch.Tensor | None,
-    ) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
-        if anchor_positions is not None:
-            return validate_anchors(anchor_positions.to(input_ids.device), attention_mask, seq_len)
-        if labels is None:
-            raise ValueError(
-                "The CC-Tuning connection needs the anchor of each row: pass `labels` (the anchor is the position "
-                "before the first label that is not -100) or `anchor_positions`."
-            )
-        return validate_anchors(anchors_from_labels(labels.to(input_ids.device)), attention_mask, seq_len)
+        rows: torch.Tensor,
+        adapter_name: str,
+    ) -> torch.Tensor | None:
+        """The Decision Maker's auxiliary loss of this forward call (see :meth:`forward`), `None` without gradients."""
+        if not torch.is_grad_enabled():
+            return None
+        # A zero gradient for every Decision Maker parameter, whatever else happens: DDP expects one for each.
+        loss = sum(0.0 * parameter.sum() for parameter in self.cc_decision_maker[adapter_name].parameters())
+        if not choice.reinforce or labels is None or not len(rows):
+            return loss
+        row_losses = _row_losses(outputs, labels)[rows]
+        running = self._running_row_loss.get(adapter_name)
+        reinforce = choice.reinforce_loss(row_losses, single_row_baseline=running)
+        mean = float(row_losses.mean())
+        self._running_row_loss[adapter_name] = mean if running is None else 0.9 * running + 0.1 * mean
+        return loss if reinforce is None else loss + reinforce
+
+    # ------------------------------------------------------------------------------------------------ the passes
+
+    @contextmanager
+    def capturing(
+        self,
+        rows: torch.Tensor,
+        anchors: torch.Tensor,
+        layers: list[int],
+        with_autograd: bool = False,
+        first_layer_input: bool = False,
+        adapter_name: str | None = None,
+    ) -> Iterator[dict[int, torch.Tensor]]:
+        """Record FFN activations at `(rows, anchors)` during the forward passes in this context (see
+        :meth:`peft_cc.connection.CrossLingualConnection.capturing`)."""
+        with self._connection_of(adapter_name).capturing(rows, anchors, layers, with_autograd, first_layer_input) as c:
+            yield c
+
+    @contextmanager
+    def injecting(
+        self,
+        layer: int,
+        rows: torch.Tensor,
+        anchors: torch.Tensor,
+        vector_for,
+        adapter_name: str | None = None,
+        first_pass_only: bool = False,
+    ):
+        """Add `vector_for(h_in)` after decoder layer `layer` at `(rows, anchors)` during the forward pass in this
+        context (see :meth:`peft_cc.connection.CrossLingualConnection.injecting`)."""
+        with self._connection_of(adapter_name).injecting(layer, rows, anchors, vector_for, first_pass_only) as i:
+            yield i
 
     def anchor_activations(
         self,
@@ -420,10 +422,27 @@ class CCModel(LoraModel):
         Returns:
             `[B', len(layers), d]` activations in the model's dtype.
         """
+        captured = self._run_decoder(input_ids, attention_mask, rows, anchors, layers, with_autograd)
+        if len(rows) and layers:
+            return torch.stack([captured[layer] for layer in layers], dim=1)
+        embedding = self.model.get_input_embeddings().weight
+        return embedding.new_zeros(len(rows), len(layers), embedding.shape[1])
+
+    def _run_decoder(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        anchors: torch.Tensor,
+        layers: list[int],
+        with_autograd: bool = False,
+        first_layer_input: bool = False,
+    ) -> dict[int, torch.Tensor]:
+        """The activations :meth:`capturing` records while `rows` of the prompts run through the decoder alone."""
         decoder = self.model.get_decoder()
         batch_rows = torch.arange(len(rows), device=rows.device)
         with torch.set_grad_enabled(with_autograd and torch.is_grad_enabled()):
-            with self._connection.capturing(batch_rows, anchors, layers, with_autograd) as captured:
+            with self.capturing(batch_rows, anchors, layers, with_autograd, first_layer_input) as captured:
                 if len(rows):
                     mask = attention_mask[rows]
                     decoder(
@@ -432,29 +451,115 @@ class CCModel(LoraModel):
                         position_ids=position_ids_from_attention_mask(mask),
                         use_cache=False,
                     )
+        return captured
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def set_training_progress(self, progress: float) -> None:
+        """Tell the connection how far training is (0..1): the gated strategy's Decision Maker learns from its
+        `start_fraction` on."""
+        self.training_progress = min(max(float(progress), 0.0), 1.0)
+
+    def needs_decision_maker_initialization(self, adapter_name: str | None = None) -> bool:
+        """Whether the Decision Maker of `adapter_name` (default: the active adapter) waits for
+        :meth:`initialize_decision_maker` before it can train (`decision_maker="variance_reinforce_gated"`)."""
+        return (adapter_name or self.active_adapters[0]) in self._decision_makers_to_initialize
+
+    @torch.no_grad()
+    def initialize_decision_maker(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Favour, in the active adapter's Decision Maker, the layers whose English activation varies most.
+
+        The data-dependent start of `decision_maker="variance_reinforce_gated"`, done once before training
+        (CCSFTTrainer does it): from each batch, the English activations of the candidate layers and the Decision
+        Maker's input `z` at the anchors are computed without gradients; the Decision Maker's logits are then
+        shifted by the log of each layer's share of the variance of the English activations across the rows
+        (:func:`~peft_cc.decision_maker.english_variance_prior`, :meth:`~peft_cc.decision_maker.DecisionMaker.favour`).
+        Other adapters' Decision Makers are untouched.
+
+        Args:
+            batches: keyword arguments of training forward calls (`input_ids`, `attention_mask`, `labels`,
+                `english_input_ids`, `english_attention_mask`); at least 2 connected rows in all.
+
+        Returns:
+            `[S]` float32, the prior: each candidate layer's share of the variance.
+        """
+        adapter_name = self.connected_adapter()
+        if adapter_name is None:
+            raise ValueError("initialize_decision_maker needs the CC-Tuning adapter enabled and active.")
+        activations, summaries = [], []
+        was_training = self.training
+        self.eval()  # no dropout: the activations training starts from
+        try:
+            for batch in batches:
+                if batch.get("english_input_ids") is None:
+                    raise ValueError("initialize_decision_maker needs batches with `english_input_ids`.")
+                english, z = self._english_activations_and_summary(batch, adapter_name)
+                activations.append(english)
+                summaries.append(z)
+        finally:
+            self.train(was_training)
+        activations = torch.cat(activations)
+        if len(activations) == 0:
+            raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
+        log_prior = english_variance_prior(activations.float())
+        self.cc_decision_maker[adapter_name].favour(log_prior, torch.cat(summaries))
+        self._decision_makers_to_initialize.discard(adapter_name)
+        return log_prior.exp()
+
+    def _english_activations_and_summary(
+        self, batch: dict[str, torch.Tensor], adapter_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`([B', S, d] English activations, [B', d] Decision Maker inputs z)` of a batch's connected rows."""
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        anchors = _anchors(input_ids, attention_mask, batch.get("labels"), batch.get("anchor_positions"))
+        rows, english = self.english_activations(
+            input_ids,
+            attention_mask,
+            anchors,
+            batch["english_input_ids"],
+            batch.get("english_attention_mask"),
+            adapter_name,
+        )
         if not len(rows):
-            embedding = self.model.get_input_embeddings().weight
-            return embedding.new_zeros(0, len(layers), self._decoder.hidden_size)
-        return torch.stack([captured[layer] for layer in layers], dim=1)
+            return english, english.new_zeros(0, english.shape[-1])
+        captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
+        return english, DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
+
+    # ------------------------------------------------------------------------------------------------ inference
+
+    def generate(self, *args, **kwargs):
+        """`generate` with the connection at the last prompt token of every (left-padded) row.
+
+        Takes the arguments of `transformers.GenerationMixin.generate`, plus `english_input_ids`,
+        `english_attention_mask` and `connection` (`"monolingual"`, `"bilingual"` or `"off"`); see
+        :func:`peft_cc.generation.generate_with_connection`.
+        """
+        kwargs = _as_keywords(args, kwargs)
+        if kwargs.get("input_ids") is None:
+            raise ValueError("Generation with the CC-Tuning connection needs `input_ids`.")
+        return generate_with_connection(self, **kwargs)
+
+    def transform_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The `[d, d]` float32 Transform Matrix of `adapter_name` (default: the active adapter)."""
+        return self.cc_transform_matrix[adapter_name or self.active_adapters[0]]
+
+    def set_transform_matrix(self, matrix: torch.Tensor, adapter_name: str | None = None) -> None:
+        """Store a fitted `[d, d]` Transform Matrix in `adapter_name` (default: the active adapter), in place."""
+        buffer = self.transform_matrix(adapter_name)
+        if matrix.shape != buffer.shape:
+            raise ValueError(f"The Transform Matrix must have shape {tuple(buffer.shape)}, got {tuple(matrix.shape)}.")
+        buffer.copy_(matrix.to(device=buffer.device, dtype=buffer.dtype))
 
     def is_transform_matrix_fitted(self, adapter_name: str | None = None) -> bool:
-        """Whether the Transform Matrix of `adapter_name` (default: the active adapter) was fitted (it starts at 0)."""
-        return bool(torch.any(self.transform_matrix(adapter_name)))
+        """Whether the Transform Matrix of `adapter_name` (default: the active adapter) was fitted.
 
-    def require_fitted_transform_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
-        """The `[d, d]` Transform Matrix, or an error that says how to fit it.
-
-        Raises:
-            ValueError: if the Transform Matrix of the adapter was never fitted.
+        A new adapter's matrix is all zeros until :func:`~peft_cc.fit_transform_matrix` stores a fit; a least-squares
+        fit is never exactly zero.
         """
-        if not self.is_transform_matrix_fitted(adapter_name):
-            raise ValueError(
-                "The Transform Matrix of this CC-Tuning adapter was never fitted, so the monolingual connection "
-                "cannot simulate the English activations. Fit it with `peft_cc.fit_transform_matrix(model, pairs, "
-                "tokenizer)` on (non-English, English) prompt pairs, pass `english_input_ids` for the bilingual "
-                "connection, or generate without the connection with `connection='off'`."
-            )
-        return self.transform_matrix(adapter_name)
+        return bool(torch.any(self.transform_matrix(adapter_name)))
 
     def simulated_english_activations(
         self, activations: torch.Tensor, adapter_name: str | None = None
@@ -474,6 +579,22 @@ class CCModel(LoraModel):
         with torch.autocast(activations.device.type, enabled=False):  # float32 under mixed precision too
             return activations.float() @ matrix.float()
 
+    def require_fitted_transform_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The `[d, d]` Transform Matrix of `adapter_name` (default: the active adapter), or an error that says how
+        to fit it.
+
+        Raises:
+            ValueError: if the Transform Matrix of the adapter was never fitted.
+        """
+        if not self.is_transform_matrix_fitted(adapter_name):
+            raise ValueError(
+                "The Transform Matrix of this CC-Tuning adapter was never fitted, so the monolingual connection "
+                "cannot simulate the English activations. Fit it with `peft_cc.fit_transform_matrix(model, pairs, "
+                "tokenizer)` on (non-English, English) prompt pairs, pass `english_input_ids` for the bilingual "
+                "connection, or generate without the connection with `connection='off'`."
+            )
+        return self.transform_matrix(adapter_name)
+
     # ------------------------------------------------------------------------------------------------ loading
 
     @classmethod
@@ -482,35 +603,98 @@ class CCModel(LoraModel):
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, CCModel):  # a loaded Decision Maker has its trained weights: nothing to initialise
             tuner._decision_makers_to_initialize.discard(adapter_name)
-        expected = {
-            key: tensor.shape
-            for key, tensor in model.state_dict().items()
-            if f"{DECISION_MAKER_KEY}.{adapter_name}." in key or key.endswith(f"{TRANSFORM_MATRIX_KEY}.{adapter_name}")
-        }
-        for key, shape in expected.items():
-            if key not in remapped:
-                raise ValueError(
-                    f"The checkpoint of adapter '{adapter_name}' has no `{key}`: it is not a complete CC-Tuning "
-                    "adapter (Decision Maker and Transform Matrix are missing)."
-                )
-            if remapped[key].shape != shape:
-                raise ValueError(
-                    f"The CC-Tuning adapter '{adapter_name}' was trained for another base model: its `{key}` has "
-                    f"shape {tuple(remapped[key].shape)}, this model needs {tuple(shape)} "
-                    "([source layers, hidden size] for the Decision Maker, [hidden size, hidden size] for the "
-                    "Transform Matrix)."
-                )
+        expected = {key: tensor.shape for key, tensor in model.state_dict().items() if _belongs_to(key, adapter_name)}
+        _check_checkpoint_fits(adapter_name, expected, remapped)
         return remapped
 
 
-@torch.no_grad()
-def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`[B]` float32 mean next-token cross-entropy of each row over its labels (-100: ignored; 0 for a row without).
+def _belongs_to(key: str, adapter_name: str) -> bool:
+    """Whether a model state-dict key is a parameter of CC-Tuning adapter `adapter_name` (LoRA or connection)."""
+    return _is_adapter_weight(key) and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))
+
+
+def _is_adapter_weight(key: str) -> bool:
+    """Whether a state-dict key names a LoRA or connection weight (of any adapter, or of a module a model lacks)."""
+    return "lora_" in key or DECISION_MAKER_KEY in key or TRANSFORM_MATRIX_KEY in key
+
+
+def _check_checkpoint_fits(
+    adapter_name: str, expected: dict[str, torch.Size], checkpoint: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a checkpoint made for another base model: missing or extra adapter weights, or other shapes.
 
     Args:
-        logits: `[B, T, V]` the model's logits.
-        labels: `[B, T]` labels aligned with the inputs (shifted here, as the causal-LM loss does).
+        expected: this model's adapter keys and shapes.
+        checkpoint: the checkpoint's tensors, under this model's keys.
     """
+    connection = [key for key in expected if DECISION_MAKER_KEY in key or TRANSFORM_MATRIX_KEY in key]
+    missing = [key for key in connection if key not in checkpoint]
+    if missing:
+        raise ValueError(
+            f"The checkpoint of adapter '{adapter_name}' has no `{missing[0]}`: it is not a complete CC-Tuning "
+            "adapter (Decision Maker and Transform Matrix are missing)."
+        )
+    # Weights of modules this model lacks keep their checkpoint key (without the adapter name).
+    unexpected = [key for key in checkpoint if _is_adapter_weight(key) and key not in expected]
+    missing = [key for key in expected if key not in checkpoint]
+    if unexpected or missing:
+        example = (unexpected or missing)[0]
+        raise ValueError(
+            f"The CC-Tuning adapter '{adapter_name}' was trained for another base model: its checkpoint has "
+            f"{len(unexpected)} adapter weights this model has no module for and lacks {len(missing)} this model "
+            f"has (e.g. `{example}`). Load it onto the base model it was trained on (same depth and modules)."
+        )
+    for key, shape in expected.items():
+        if checkpoint[key].shape != shape:
+            raise ValueError(
+                f"The CC-Tuning adapter '{adapter_name}' was trained for another base model: its `{key}` has "
+                f"shape {tuple(checkpoint[key].shape)}, this model needs {tuple(shape)} "
+                "([source layers, hidden size] for the Decision Maker, [hidden size, hidden size] for the "
+                "Transform Matrix)."
+            )
+
+
+def _as_keywords(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs of a forward or generate call as keywords (`input_ids` may come first, positionally)."""
+    if not args:
+        return kwargs
+    if len(args) > 1:
+        raise TypeError(
+            "Pass the inputs of a CC-Tuning model as keyword arguments (only `input_ids` may be positional)."
+        )
+    return {"input_ids": args[0], **kwargs}
+
+
+def _anchors(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    anchor_positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """`[B]` the anchor of each row (`-1`: none): `anchor_positions`, or the position before the first label."""
+    seq_len = input_ids.shape[1]
+    if anchor_positions is not None:
+        return validate_anchors(anchor_positions.to(input_ids.device), attention_mask, seq_len)
+    if labels is None:
+        raise ValueError(
+            "The CC-Tuning connection needs the anchor of each row: pass `labels` (the anchor is the position "
+            "before the first label that is not -100) or `anchor_positions`."
+        )
+    return validate_anchors(anchors_from_labels(labels.to(input_ids.device)), attention_mask, seq_len)
+
+
+@torch.no_grad()
+def _row_losses(outputs: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+    """`[B]` float32 mean next-token cross-entropy of each row over its labels (0 for a row without any).
+
+    Read from the per-token log-probabilities of TRL's fused LM head (`log_probs`, `label_mask`, `[B, T-1]`) when the
+    output has them, otherwise from the `[B, T, V]` logits and the `[B, T]` labels (shifted here, -100 ignored).
+    """
+    log_probs = outputs.get("log_probs")
+    if log_probs is not None:
+        mask = outputs["label_mask"]
+        return -log_probs.float().sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    logits = outputs.logits
     targets = labels[:, 1:].to(logits.device)
     supervised = targets != -100
     token_losses = nn.functional.cross_entropy(

@@ -2,10 +2,10 @@
 
 `PeftModel.save_pretrained` (hence `CCSFTTrainer.save_model`), `PeftModel.push_to_hub` and
 `CCSFTTrainer.create_model_card` (hence `CCSFTTrainer.push_to_hub`) all write the card of :func:`model_card`
-(:mod:`peft_cc.registration` and the trainer call :func:`write_model_card`). It holds the Hub metadata (base model as
-a Hub id where there is one, languages, datasets, tags), the method with a link, the adapter's settings, and what is
-known of its training: :class:`peft_cc.CCModel` keeps these facts in its `model_card_facts` dictionary, filled by
-`CCSFTTrainer` (training settings, languages, the Decision Maker's layer choice), by
+(:func:`install_model_card_hooks` and the trainer call :func:`write_model_card`). It holds the Hub metadata (base
+model as a Hub id where there is one, languages, datasets, tags), the method with a link, the adapter's settings, and
+what is known of its training: :class:`peft_cc.CCModel` keeps these facts in its `model_card_facts` dictionary,
+filled by `CCSFTTrainer` (training settings, languages, the Decision Maker's layer choice), by
 :func:`peft_cc.fit_transform_matrix` (pairs, R²) and by the user (:func:`add_model_card_facts`, e.g. evaluation
 figures). The card carries the facts in an HTML comment as well, so that an adapter loaded from a local folder
 (`PeftModel.from_pretrained`, `load_adapter`) gets them back (:func:`read_model_card_facts`) and keeps them in the
@@ -14,16 +14,18 @@ card of its next save or push.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .config import CCConfig
+from peft import PeftModel
+
+from .config import CCConfig
 
 MODEL_CARD_MARKER = "<!-- peft-cc model card -->"
 FACTS_COMMENT = re.compile(r"^<!-- peft-cc model card facts: (?P<facts>.*) -->$", re.MULTILINE)
@@ -174,11 +176,17 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0, inputs["in
                 "injection after decoder layer": config.injection_layer,
                 "Gumbel-Softmax temperature": config.gumbel_temperature,
                 "gradients through the English pass": config.english_gradients,
-                "Decision Maker initialisation": config.decision_maker_init,
-                "Decision Maker gradient": config.decision_maker_gradient,
-                "injection gate (initial value)": config.injection_gate_init
-                if config.injection_gate_init is not None
-                else "none (the paper's method)",
+                "Decision Maker": config.decision_maker,
+                **(
+                    {}
+                    if config.variance_reinforce_config is None
+                    else {
+                        "Decision Maker learns from (fraction of training)": (
+                            config.variance_reinforce_config.start_fraction
+                        ),
+                        "injection gate (initial value)": config.variance_reinforce_config.gate_init,
+                    }
+                ),
             }
         ),
     ]
@@ -258,3 +266,55 @@ def use_hub_base_model(directory: str | os.PathLike, config: CCConfig) -> None:
     saved = json.loads(path.read_text(encoding="utf-8"))
     saved["base_model_name_or_path"] = hub_id
     path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _cc_config(model: PeftModel) -> CCConfig | None:
+    """The configuration of the model's active CC-Tuning adapter, or `None` for other adapters."""
+    config = model.peft_config.get(model.active_adapter)
+    return config if isinstance(config, CCConfig) else None
+
+
+def install_model_card_hooks() -> None:
+    """Make `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write the CC-Tuning model card, and
+    `PeftModel.load_adapter` (hence `from_pretrained`) read back the facts of a local adapter's card; once.
+
+    PEFT has no per-method hook for the card: `save_pretrained` writes it with `create_or_update_model_card`, and
+    `push_to_hub` (transformers) saves the adapter into a folder, writes the Hub's model card over that one, then
+    uploads the folder with `_upload_modified_files`. Both are wrapped to write :func:`model_card` for a CC-Tuning
+    adapter (and to name a packaged base model by its Hub id in the uploaded `adapter_config.json`); other adapters
+    are left to PEFT.
+    """
+    if getattr(PeftModel.create_or_update_model_card, "writes_cc_model_card", False):
+        return
+    create_card = PeftModel.create_or_update_model_card
+    upload = PeftModel._upload_modified_files
+    load_adapter = PeftModel.load_adapter
+
+    @functools.wraps(load_adapter)
+    def load_adapter_with_card_facts(self, model_id, adapter_name, *args, **kwargs):
+        result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        if isinstance(self.peft_config.get(adapter_name), CCConfig) and os.path.isdir(model_id):
+            facts = self.base_model.model_card_facts
+            for key, value in read_model_card_facts(model_id).items():
+                facts.setdefault(key, value)
+        return result
+
+    @functools.wraps(create_card)
+    def create_cc_model_card(self, output_dir, *args, **kwargs):
+        config = _cc_config(self)
+        if config is None:
+            return create_card(self, output_dir, *args, **kwargs)
+        write_model_card(output_dir, config, self.base_model.model_card_facts)
+
+    @functools.wraps(upload)
+    def upload_with_cc_model_card(self, working_dir, repo_id, *args, **kwargs):
+        config = _cc_config(self)
+        if config is not None:
+            write_model_card(working_dir, config, self.base_model.model_card_facts, repo_id=repo_id)
+            use_hub_base_model(working_dir, config)
+        return upload(self, working_dir, repo_id, *args, **kwargs)
+
+    create_cc_model_card.writes_cc_model_card = True
+    PeftModel.create_or_update_model_card = create_cc_model_card
+    PeftModel._upload_modified_files = upload_with_cc_model_card
+    PeftModel.load_adapter = load_adapter_with_card_facts

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .anchors import last_token_anchors
 from .model import CCModel
-from .tokenization import prompt_token_ids
+from .tokenization import prompt_token_ids, right_pad
 
 DEFAULT_RIDGE = 1e-4
 DEFAULT_HOLDOUT_FRACTION = 0.1
@@ -257,7 +257,7 @@ def fit_transform_matrix(
 
     tuner = _cc_tuner(model)
     adapter_name = _adapter_to_fit(tuner, adapter_name)
-    decoder = tuner._decoder
+    decoder = tuner.decoder(adapter_name)
     num_layers, hidden_size = decoder.num_layers, decoder.hidden_size
     device = tuner.model.get_input_embeddings().weight.device
     stats_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
@@ -312,8 +312,7 @@ def fit_transform_matrix(
     transform, lam = fit.solve(ridge)
     if not torch.isfinite(transform).all():
         raise ValueError("The Transform Matrix fit is not finite (non-finite activations?); nothing was stored.")
-    buffer = tuner.cc_transform_matrix[adapter_name]
-    buffer.copy_(transform.to(device=buffer.device, dtype=buffer.dtype))
+    tuner.set_transform_matrix(transform, adapter_name)
     stats = {
         "num_pairs": counts.fitted,
         "num_heldout_pairs": counts.heldout,
@@ -340,8 +339,6 @@ def _cc_tuner(model: nn.Module) -> CCModel:
             f"fit_transform_matrix needs a CC-Tuning model (a PeftModel made with CCConfig, or its CCModel), got "
             f"{type(model).__name__}."
         )
-    if tuner._connection is None or tuner._decoder is None:
-        raise ValueError("This CC-Tuning model has no connection hooks any more (was it unloaded?).")
     return tuner
 
 
@@ -359,7 +356,7 @@ def _adapter_to_fit(tuner: CCModel, adapter_name: str | None) -> str:
             f"activations depend on its LoRA weights); active: {active}. Call `model.set_adapter({adapter_name!r})` "
             "first."
         )
-    if not tuner._connection_enabled:
+    if tuner.connected_adapter() is None:
         warnings.warn(
             "The adapters are disabled: the Transform Matrix is fitted on the activations of the base model, "
             "without the adapter's LoRA weights.",
@@ -410,12 +407,7 @@ def _anchor_activations(
     tuner: CCModel, prompts: list[list[int]], num_layers: int, pad_id: int, device: torch.device
 ) -> torch.Tensor:
     """`[B, L, d]` FFN activations at the last token of each (non-empty) prompt, in the model's dtype."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, : len(prompt)] = 1
+    input_ids, attention_mask = right_pad(prompts, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     anchors = last_token_anchors(attention_mask)
     rows = torch.arange(len(prompts), device=device)

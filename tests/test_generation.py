@@ -142,7 +142,7 @@ def test_shared_cache_costs_one_token_step_more_than_plain_generation(architectu
     """Tokens through the first decoder layer: plain generation + one anchor token per row (no second prefill)."""
     model = _prepared(architecture)
     input_ids, attention_mask = _left_padded_prompts([12, 6])
-    first_layer = cc_tuner(model)._decoder.layers[0]
+    first_layer = cc_tuner(model).decoder().layers[0]
     tokens = []
     handle = first_layer.register_forward_hook(lambda module, args, output: tokens.append(output.shape[:2].numel()))
     try:

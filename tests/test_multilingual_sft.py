@@ -60,13 +60,16 @@ def test_seed_summary_pools_the_seeds_of_each_system(experiment):
 
 
 def test_cc_options_and_systems_are_parsed_and_checked(experiment, monkeypatch):
-    options = '{"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}'
+    options = '{"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"start_fraction": 0.5}}'
     argv = ["multilingual_sft.py", "--systems", "cc", "--cc-name", "cc-ev", "--cc-options", options]
-    argv += ["--cc-trainer-options", '{"injection_gate_learning_rate": 0.005}']
+    argv += ["--cc-trainer-options", '{"decision_maker_learning_rate": 0.005}']
     monkeypatch.setattr("sys.argv", argv)
     args = experiment.parse_args()
-    assert args.cc_options == {"decision_maker_init": "english_variance", "decision_maker_start_fraction": 0.25}
-    assert args.cc_trainer_options == {"injection_gate_learning_rate": 0.005}
+    assert args.cc_options == {
+        "decision_maker": "variance_reinforce_gated",
+        "variance_reinforce_config": {"start_fraction": 0.5},
+    }
+    assert args.cc_trainer_options == {"decision_maker_learning_rate": 0.005}
     assert experiment._names(args.systems) == ["cc"] and args.cc_name == "cc-ev"
     for wrong in (
         ["--systems", "base,gpt"],

@@ -46,7 +46,7 @@ def test_registered_on_import():
     [
         lambda: importlib.import_module("peft_cc"),
         lambda: importlib.reload(peft_cc),
-        peft_cc.register,
+        lambda: peft_cc.register(CCConfig, CCModel),
     ],
     ids=["import-again", "reload", "register-again"],
 )
@@ -56,7 +56,7 @@ def test_registration_is_idempotent(again):
     again()
     again()
     assert _registry_snapshot() == before
-    assert peft_cc.register() is PeftType.CC
+    assert peft_cc.register(CCConfig, CCModel) is PeftType.CC
     _assert_registered_once()
 
 

@@ -197,9 +197,7 @@ def _llama(**overrides):
 )
 def test_load_onto_another_base_fails(saved, overrides):
     """An adapter (all layers as candidates) refuses a base of another width or depth, saying why."""
-    with pytest.raises(
-        (ValueError, RuntimeError), match=r"another base model.*(decoder_hidden_size=32|decoder_num_layers=3)"
-    ):
+    with pytest.raises(ValueError, match=r"trained for another base model"):
         peft.PeftModel.from_pretrained(_llama(**overrides), saved["llama"]["adapter_dir"])
 
 
@@ -208,7 +206,7 @@ def test_load_onto_another_base_fails(saved, overrides):
 def test_load_with_explicit_source_layers_onto_another_depth_fails(tmp_path, num_layers):
     """An adapter with source_layers=[1] trained on 3 layers must not load silently onto a base of another depth."""
     make_cc_model("llama", source_layers=[1]).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"another base model.*decoder_num_layers=3"):
+    with pytest.raises(ValueError, match=r"trained for another base model.*(has no module|lacks [1-9])"):
         peft.PeftModel.from_pretrained(_llama(num_hidden_layers=num_layers), tmp_path)
 
 
