@@ -112,16 +112,7 @@ def generate_with_connection(
     Returns:
         What `generate` returns for these arguments.
     """
-    if connection is None:
-        connection = "bilingual" if english_input_ids is not None else "monolingual"
-    if connection not in ("monolingual", "bilingual", "off"):
-        raise ValueError(f"`connection` must be 'monolingual', 'bilingual' or 'off', got {connection!r}.")
-    if (connection == "bilingual") != (english_input_ids is not None):
-        raise ValueError(
-            "`english_input_ids` go with connection='bilingual' (and only with it): they give the real English "
-            f"activations. Got connection={connection!r} with english_input_ids "
-            f"{'given' if english_input_ids is not None else 'missing'}."
-        )
+    connection = _resolve_connection(connection, english_input_ids)
     adapter_name = cc_model.connected_adapter()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -132,27 +123,16 @@ def generate_with_connection(
             "Generation with the CC-Tuning connection needs left-padded prompts (the anchor is the last position of "
             "every row): set `tokenizer.padding_side = 'left'`."
         )
-
+    cache, activations = _english_activations(
+        cc_model,
+        adapter_name,
+        input_ids,
+        attention_mask,
+        english_input_ids,
+        english_attention_mask,
+        share_prompt_cache and _can_share_cache(cc_model, kwargs),
+    )
     config = cc_model.peft_config[adapter_name]
-    monolingual = connection == "monolingual"
-    if monolingual:
-        cc_model.require_fitted_transform_matrix(adapter_name)
-
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    anchors = torch.full_like(rows, input_ids.shape[1] - 1)
-    cache, prompt_activations = None, None
-    if share_prompt_cache and _can_share_cache(cc_model, kwargs):
-        prompt_layers = cc_model.source_layers(adapter_name) if monolingual else []
-        cache, prompt_activations = _prefill(cc_model, input_ids, attention_mask, prompt_layers)
-    if prompt_activations is not None:
-        activations = cc_model.simulated_english_activations(prompt_activations, adapter_name)
-    else:
-        connected, activations = cc_model.english_activations(
-            input_ids, attention_mask, anchors, english_input_ids, english_attention_mask, adapter_name
-        )
-        if len(connected) != len(rows):
-            raise ValueError("Every row needs a non-empty English prompt for the bilingual connection.")
-
     expand = _expand_size(cc_model, kwargs)
     choice = cc_model.connection_choice(activations.repeat_interleave(expand, dim=0), adapter_name)
     step_rows = torch.arange(input_ids.shape[0] * expand, device=input_ids.device)
@@ -171,3 +151,48 @@ def generate_with_connection(
     if not injection.applied:
         raise RuntimeError("generate() did not run the decoder, so the connection was not applied.")
     return outputs
+
+
+def _resolve_connection(connection: Connection | None, english_input_ids: torch.Tensor | None) -> Connection:
+    """The connection to apply (default: bilingual with English prompts, else monolingual), checked."""
+    if connection is None:
+        connection = "bilingual" if english_input_ids is not None else "monolingual"
+    if connection not in ("monolingual", "bilingual", "off"):
+        raise ValueError(f"`connection` must be 'monolingual', 'bilingual' or 'off', got {connection!r}.")
+    if (connection == "bilingual") != (english_input_ids is not None):
+        raise ValueError(
+            "`english_input_ids` go with connection='bilingual' (and only with it): they give the real English "
+            f"activations. Got connection={connection!r} with english_input_ids "
+            f"{'given' if english_input_ids is not None else 'missing'}."
+        )
+    return connection
+
+
+def _english_activations(
+    cc_model: CCModel,
+    adapter_name: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    english_input_ids: torch.Tensor | None,
+    english_attention_mask: torch.Tensor | None,
+    share_cache: bool,
+) -> tuple[DynamicCache | None, torch.Tensor]:
+    """`(cache, [B, S, d] English activations)` of the prompts: simulated from the prompt's own (monolingual, read
+    during the prefill when the cache is shared) or real (bilingual). `cache` is the rolled-back prompt cache, or
+    `None` when it is not shared."""
+    monolingual = english_input_ids is None
+    if monolingual:
+        cc_model.require_fitted_transform_matrix(adapter_name)
+    cache, prompt_activations = None, None
+    if share_cache:
+        prompt_layers = cc_model.source_layers(adapter_name) if monolingual else []
+        cache, prompt_activations = _prefill(cc_model, input_ids, attention_mask, prompt_layers)
+    if prompt_activations is not None:
+        return cache, cc_model.simulated_english_activations(prompt_activations, adapter_name)
+    anchors = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+    rows, activations = cc_model.english_activations(
+        input_ids, attention_mask, anchors, english_input_ids, english_attention_mask, adapter_name
+    )
+    if len(rows) != input_ids.shape[0]:
+        raise ValueError("Every row needs a non-empty English prompt for the bilingual connection.")
+    return cache, activations

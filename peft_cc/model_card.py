@@ -148,23 +148,28 @@ def model_card(config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id
             f"The base model was loaded from a local copy (`{local_base}`); packaged models are dequantized GGUF "
             "conversions of the public model named above."
         )
-    loading = repo_id or "<this repository>"
+    sections += _loading_section(repo_id, base_model or local_base)
+    sections += _adapter_section(config)
+    sections += _facts_sections(facts, languages, datasets)
     sections += [
-        "## How to load it",
-        "Loading needs the `peft-cc` package (`pip install peft-cc`), imported before PEFT reads the adapter: "
-        "without it PEFT does not know the adapter type `CC` and fails with `KeyError: 'CC'`.",
-        f"""```python
-import peft_cc  # registers the CC method with PEFT
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
+        "## Method",
+        f"CC-Tuning: [arXiv 2506.00875]({PAPER_URL}). Versions: {_versions()}.",
+    ]
+    return "\n\n".join(sections) + "\n"
 
-model = AutoPeftModelForCausalLM.from_pretrained("{loading}")
-tokenizer = AutoTokenizer.from_pretrained("{base_model or local_base or "<base model>"}")
-messages = [{{"role": "user", "content": "Quelle est la capitale de la France ?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0, inputs["input_ids"].shape[1]:]))
-```""",
-        '`generate` uses the monolingual connection (the Transform Matrix); `connection="off"` gives LoRA alone.',
+
+def _adapter_section(config: CCConfig) -> list[str]:
+    """The card's table of the adapter's settings."""
+    strategy = config.variance_reinforce_config
+    knobs = (
+        {}
+        if strategy is None
+        else {
+            "Decision Maker learns from (fraction of training)": strategy.start_fraction,
+            "injection gate (initial value)": strategy.gate_init,
+        }
+    )
+    return [
         "## Adapter",
         _table(
             {
@@ -177,19 +182,16 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0, inputs["in
                 "Gumbel-Softmax temperature": config.gumbel_temperature,
                 "gradients through the English pass": config.english_gradients,
                 "Decision Maker": config.decision_maker,
-                **(
-                    {}
-                    if config.variance_reinforce_config is None
-                    else {
-                        "Decision Maker learns from (fraction of training)": (
-                            config.variance_reinforce_config.start_fraction
-                        ),
-                        "injection gate (initial value)": config.variance_reinforce_config.gate_init,
-                    }
-                ),
+                **knobs,
             }
         ),
     ]
+
+
+def _facts_sections(facts: Mapping[str, Any], languages: Sequence[str], datasets: Sequence[str]) -> list[str]:
+    """The card's sections on what is known of the adapter: training data and run, layer choice, Transform Matrix
+    fit, evaluation."""
+    sections: list[str] = []
     if languages or datasets:
         data = []
         if languages:
@@ -231,11 +233,29 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0, inputs["in
     if evaluation:
         text = _table(evaluation) if isinstance(evaluation, Mapping) else str(evaluation)
         sections += ["## Evaluation", text]
-    sections += [
-        "## Method",
-        f"CC-Tuning: [arXiv 2506.00875]({PAPER_URL}). Versions: {_versions()}.",
+    return sections
+
+
+def _loading_section(repo_id: str | None, base_model: str | None) -> list[str]:
+    """The card's "How to load it" section: the package to install, and a generation snippet."""
+    loading = repo_id or "<this repository>"
+    return [
+        "## How to load it",
+        "Loading needs the `peft-cc` package (`pip install peft-cc`), imported before PEFT reads the adapter: "
+        "without it PEFT does not know the adapter type `CC` and fails with `KeyError: 'CC'`.",
+        f"""```python
+import peft_cc  # registers the CC method with PEFT
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{loading}")
+tokenizer = AutoTokenizer.from_pretrained("{base_model or "<base model>"}")
+messages = [{{"role": "user", "content": "Quelle est la capitale de la France ?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0, inputs["input_ids"].shape[1]:]))
+```""",
+        '`generate` uses the monolingual connection (the Transform Matrix); `connection="off"` gives LoRA alone.',
     ]
-    return "\n\n".join(sections) + "\n"
 
 
 def write_model_card(

@@ -20,7 +20,7 @@ import numbers
 import random
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -246,14 +246,7 @@ def fit_transform_matrix(
         TypeError: for a prompt of an unsupported type (naming the pair index).
     """
     start = time.perf_counter()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
-    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0):
-        raise ValueError(f"`max_pairs` must be None or an int >= 0, got {max_pairs!r}.")
-    if not isinstance(ridge, numbers.Real) or not ridge >= 0 or math.isinf(ridge):
-        raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}.")
-    if not isinstance(holdout_fraction, numbers.Real) or not 0 <= holdout_fraction < 1:
-        raise ValueError(f"`holdout_fraction` must be in [0, 1), got {holdout_fraction!r}.")
+    _check_fit_arguments(batch_size, max_pairs, ridge, holdout_fraction)
 
     tuner = _cc_tuner(model)
     adapter_name = _adapter_to_fit(tuner, adapter_name)
@@ -266,37 +259,13 @@ def fit_transform_matrix(
 
     total = _known_length(pairs, max_pairs)
     is_heldout = _holdout_split(total, holdout_fraction, seed)
-    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad_id = 0 if pad_id is None else int(pad_id)
-    counts = _Counts()
     stream = pairs if max_pairs is None else itertools.islice(pairs, max_pairs)
     with (
         _eval_mode(model),
         torch.no_grad(),
         tqdm(total=total, disable=not show_progress, desc="Fitting the Transform Matrix", unit="pair") as progress,
     ):
-        for batch in _batches(stream, batch_size):
-            sources, englishes, held = [], [], []
-            for index, pair in batch:
-                source, english = _tokenize_pair(index, pair, tokenizer)
-                if source and english:
-                    sources.append(source)
-                    englishes.append(english)
-                    held.append(is_heldout(index))
-                else:
-                    counts.skipped += 1
-            if sources:
-                u = _anchor_activations(tuner, sources, num_layers, pad_id, device)  # [B', L, d]
-                v = _anchor_activations(tuner, englishes, num_layers, pad_id, device)
-                mask = torch.tensor(held, device=u.device)
-                for target, rows in ((fit, ~mask), (heldout, mask)):
-                    if rows.any():
-                        target.add(u[rows].reshape(-1, hidden_size), v[rows].reshape(-1, hidden_size))
-            counts.consumed += len(batch)
-            counts.heldout += sum(held)
-            counts.fitted += len(held) - sum(held)
-            progress.update(len(batch))
-
+        counts = _accumulate(tuner, adapter_name, stream, tokenizer, batch_size, is_heldout, (fit, heldout), progress)
     if counts.fitted == 0:
         raise ValueError(
             f"No pair to fit the Transform Matrix on: {counts.consumed} pairs read, {counts.skipped} skipped (an "
@@ -330,6 +299,57 @@ def fit_transform_matrix(
     }
     tuner.model_card_facts["transform_matrix"] = stats
     return stats
+
+
+def _check_fit_arguments(batch_size: Any, max_pairs: Any, ridge: Any, holdout_fraction: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0):
+        raise ValueError(f"`max_pairs` must be None or an int >= 0, got {max_pairs!r}.")
+    if not isinstance(ridge, numbers.Real) or not ridge >= 0 or math.isinf(ridge):
+        raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}.")
+    if not isinstance(holdout_fraction, numbers.Real) or not 0 <= holdout_fraction < 1:
+        raise ValueError(f"`holdout_fraction` must be in [0, 1), got {holdout_fraction!r}.")
+
+
+def _accumulate(
+    tuner: CCModel,
+    adapter_name: str,
+    stream: Iterable,
+    tokenizer: Any | None,
+    batch_size: int,
+    is_heldout: Callable[[int], bool],
+    targets: tuple[NormalEquations, NormalEquations],
+    progress: tqdm,
+) -> _Counts:
+    """Run the pairs of `stream` through the model, batch by batch, and add each pair's `L` rows `(u_l, v_l)` to the
+    fit's normal equations (`targets[0]`), or to the held-out ones (`targets[1]`) for a held-out pair."""
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad_id = 0 if pad_id is None else int(pad_id)
+    layers = list(range(tuner.decoder(adapter_name).num_layers))
+    counts = _Counts()
+    for batch in _batches(stream, batch_size):
+        sources, englishes, held = [], [], []
+        for index, pair in batch:
+            source, english = _tokenize_pair(index, pair, tokenizer)
+            if source and english:
+                sources.append(source)
+                englishes.append(english)
+                held.append(is_heldout(index))
+            else:
+                counts.skipped += 1
+        if sources:
+            u = _anchor_activations(tuner, sources, layers, pad_id)  # [B', L, d]
+            v = _anchor_activations(tuner, englishes, layers, pad_id)
+            mask = torch.tensor(held, device=u.device)
+            for target, rows in zip(targets, (~mask, mask)):
+                if rows.any():
+                    target.add(u[rows].flatten(0, 1), v[rows].flatten(0, 1))
+        counts.consumed += len(batch)
+        counts.heldout += sum(held)
+        counts.fitted += len(held) - sum(held)
+        progress.update(len(batch))
+    return counts
 
 
 def _cc_tuner(model: nn.Module) -> CCModel:
@@ -403,15 +423,13 @@ def _tokenize_pair(index: int, pair: Any, tokenizer: Any | None) -> tuple[list[i
     )
 
 
-def _anchor_activations(
-    tuner: CCModel, prompts: list[list[int]], num_layers: int, pad_id: int, device: torch.device
-) -> torch.Tensor:
+def _anchor_activations(tuner: CCModel, prompts: list[list[int]], layers: list[int], pad_id: int) -> torch.Tensor:
     """`[B, L, d]` FFN activations at the last token of each (non-empty) prompt, in the model's dtype."""
-    input_ids, attention_mask = right_pad(prompts, pad_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    device = tuner.model.get_input_embeddings().weight.device
+    input_ids, attention_mask = (tensor.to(device) for tensor in right_pad(prompts, pad_id))
     anchors = last_token_anchors(attention_mask)
     rows = torch.arange(len(prompts), device=device)
-    return tuner.anchor_activations(input_ids, attention_mask, rows, anchors, list(range(num_layers)))
+    return tuner.anchor_activations(input_ids, attention_mask, rows, anchors, layers)
 
 
 @contextmanager
