@@ -66,7 +66,7 @@ def _prefill(
     position_ids = position_ids_from_attention_mask(attention_mask)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     anchors = torch.full_like(rows, input_ids.shape[1] - 1)
-    with cc_model.capturing(rows, anchors, layers) as captured:
+    with cc_model.connection().capturing(rows, anchors, layers) as captured:
         model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -144,8 +144,8 @@ def generate_with_connection(
     else:
         step_anchor = input_ids.shape[1] - 1  # the first step of generate runs the whole prompt
     step_anchors = torch.full_like(step_rows, step_anchor)
-    with cc_model.injecting(
-        config.injection_layer, step_rows, step_anchors, choice.vectors_for, adapter_name, first_pass_only=True
+    with cc_model.connection(adapter_name).injecting(
+        config.injection_layer, step_rows, step_anchors, choice.vectors_for, first_pass_only=True
     ) as injection:
         outputs = cc_model.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     if not injection.applied:

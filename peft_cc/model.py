@@ -1,16 +1,15 @@
 """The CC-Tuning tuner: LoRA plus the Decision Maker, the Transform Matrix and the cross-lingual connection.
 
 Where the connection is injected: :meth:`CCModel.forward` (training and scoring) and
-:func:`peft_cc.generation.generate_with_connection` (generation) arm :meth:`CCModel.injecting`, whose hooks
-(:class:`peft_cc.connection.CrossLingualConnection`) add the chosen English activation after decoder layer
-`injection_layer`, at the anchor.
+:func:`peft_cc.generation.generate_with_connection` (generation) arm the adapter's hooks,
+`CCModel.connection().injecting(...)` (:class:`peft_cc.connection.CrossLingualConnection`), which add the chosen
+English activation after decoder layer `injection_layer`, at the anchor.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,14 +166,17 @@ class CCModel(LoraModel):
 
     def decoder(self, adapter_name: str | None = None) -> DecoderMap:
         """The decoder layers and FFN outputs that the connection of `adapter_name` (default: active) hooks."""
-        return self._connection_of(adapter_name).decoder
+        return self.connection(adapter_name).decoder
 
     def source_layers(self, adapter_name: str | None = None) -> list[int]:
         """The candidate source layers of `adapter_name` (default: the active adapter), as layer indices."""
         adapter_name = adapter_name or self.active_adapters[0]
         return self.peft_config[adapter_name].resolve_source_layers(self.decoder(adapter_name).num_layers)
 
-    def _connection_of(self, adapter_name: str | None) -> CrossLingualConnection:
+    def connection(self, adapter_name: str | None = None) -> CrossLingualConnection:
+        """The hooks of `adapter_name` (default: the active adapter) on the decoder: `connection().capturing(...)`
+        records FFN activations at anchors, `connection().injecting(...)` adds a vector after a layer (see
+        :class:`~peft_cc.connection.CrossLingualConnection`)."""
         adapter_name = adapter_name or self.active_adapters[0]
         if adapter_name not in self._connections:
             raise ValueError(
@@ -230,7 +232,7 @@ class CCModel(LoraModel):
         )
         choice = self.connection_choice(activations, adapter_name)
         config: CCConfig = self.peft_config[adapter_name]
-        with self.injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for, adapter_name):
+        with self.connection(adapter_name).injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for):
             outputs = self.model(**kwargs)
         if not isinstance(outputs, ModelOutput):
             return outputs
@@ -368,36 +370,6 @@ class CCModel(LoraModel):
 
     # ------------------------------------------------------------------------------------------------ the passes
 
-    @contextmanager
-    def capturing(
-        self,
-        rows: torch.Tensor,
-        anchors: torch.Tensor,
-        layers: list[int],
-        with_autograd: bool = False,
-        first_layer_input: bool = False,
-        adapter_name: str | None = None,
-    ) -> Iterator[dict[int, torch.Tensor]]:
-        """Record FFN activations at `(rows, anchors)` during the forward passes in this context (see
-        :meth:`peft_cc.connection.CrossLingualConnection.capturing`)."""
-        with self._connection_of(adapter_name).capturing(rows, anchors, layers, with_autograd, first_layer_input) as c:
-            yield c
-
-    @contextmanager
-    def injecting(
-        self,
-        layer: int,
-        rows: torch.Tensor,
-        anchors: torch.Tensor,
-        vector_for,
-        adapter_name: str | None = None,
-        first_pass_only: bool = False,
-    ):
-        """Add `vector_for(h_in)` after decoder layer `layer` at `(rows, anchors)` during the forward pass in this
-        context (see :meth:`peft_cc.connection.CrossLingualConnection.injecting`)."""
-        with self._connection_of(adapter_name).injecting(layer, rows, anchors, vector_for, first_pass_only) as i:
-            yield i
-
     def anchor_activations(
         self,
         input_ids: torch.LongTensor,
@@ -442,7 +414,8 @@ class CCModel(LoraModel):
         decoder = self.model.get_decoder()
         batch_rows = torch.arange(len(rows), device=rows.device)
         with torch.set_grad_enabled(with_autograd and torch.is_grad_enabled()):
-            with self.capturing(batch_rows, anchors, layers, with_autograd, first_layer_input) as captured:
+            connection = self.connection()
+            with connection.capturing(batch_rows, anchors, layers, with_autograd, first_layer_input) as captured:
                 if len(rows):
                     mask = attention_mask[rows]
                     decoder(
