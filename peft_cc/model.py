@@ -236,20 +236,34 @@ class CCModel(LoraModel):
             outputs = self.model(**kwargs)
         if not isinstance(outputs, ModelOutput):
             return outputs
-        layer_choice, layer_logits = choice.per_row(rows, input_ids.shape[0])
-        connected = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._with_connection_facts(
+            outputs, choice, rows, input_ids.shape[0], kwargs.get("labels"), adapter_name
+        )
+
+    def _with_connection_facts(
+        self,
+        outputs: ModelOutput,
+        choice: ConnectionChoice,
+        rows: torch.Tensor,
+        batch_size: int,
+        labels: torch.Tensor | None,
+        adapter_name: str,
+    ) -> ModelOutput:
+        """`outputs` with what the connection did: `connected_rows`, `layer_choice`, `layer_logits` and
+        `decision_maker_loss` (a [`CCCausalLMOutputWithPast`] for a plain causal-LM output; the same keys added to
+        another output type, e.g. TRL's fused LM head's)."""
+        layer_choice, layer_logits = choice.per_row(rows, batch_size)
+        connected = torch.zeros(batch_size, dtype=torch.bool, device=rows.device)
         connected[rows] = True
         facts = {
             "connected_rows": connected,
             "layer_choice": layer_choice,
             "layer_logits": layer_logits,
-            "decision_maker_loss": self._decision_maker_loss(
-                choice, outputs, kwargs.get("labels"), rows, adapter_name
-            ),
+            "decision_maker_loss": self._decision_maker_loss(choice, outputs, labels, rows, adapter_name),
         }
         if type(outputs) is CausalLMOutputWithPast:
             return CCCausalLMOutputWithPast(**outputs, **facts)
-        for key, value in facts.items():  # another output type (e.g. TRL's fused LM head): the same keys added
+        for key, value in facts.items():
             outputs[key] = value
         return outputs
 
