@@ -90,7 +90,7 @@ def parse_args() -> argparse.Namespace:
         "--decision-maker",
         default="paper",
         choices=list(DECISION_MAKER_STRATEGIES),
-        help="Decision Maker preset (docs/decision_maker.md): the paper's method, or the recommended "
+        help="Decision Maker strategy (docs/decision_maker.md): the paper's method, or the recommended "
         "variance_reinforce_gated",
     )
     training.add_argument(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -103,13 +105,16 @@ def english_variance_prior(source_activations: torch.Tensor) -> torch.Tensor:
         source_activations: `[N, S, d]` English activations of `N` prompts at the anchor (`N ≥ 2`).
 
     Returns:
-        `[S]` float32 log of each layer's share, floored at `log(1e-8)` (a layer that does not vary at all).
+        `[S]` float32 log of each layer's share, floored at `log(1e-8)` (a layer that does not vary at all); uniform
+        when no layer varies.
     """
     if source_activations.shape[0] < 2:
         raise ValueError(f"The variance across prompts needs at least 2 prompts, got {source_activations.shape[0]}.")
     activations = source_activations.float()
     variance = (activations - activations.mean(dim=0)).square().sum(dim=-1).mean(dim=0)
-    return (variance / variance.sum().clamp_min(1e-30)).clamp_min(1e-8).log()
+    if not variance.sum() > 0:  # every prompt gives the same activations: no layer is favoured
+        return torch.full_like(variance, -math.log(len(variance)))
+    return (variance / variance.sum()).clamp_min(1e-8).log()
 
 
 def sample_gumbel_noise(batch_size: int, num_sources: int, device: torch.device) -> torch.Tensor:

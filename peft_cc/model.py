@@ -631,13 +631,13 @@ def _check_checkpoint_fits(
             f"{len(unexpected)} adapter weights this model has no module for and lacks {len(missing)} this model "
             f"has (e.g. `{example}`). Load it onto the base model it was trained on (same depth and modules)."
         )
+    shapes = {DECISION_MAKER_KEY: "[source layers, hidden size]", TRANSFORM_MATRIX_KEY: "[hidden size, hidden size]"}
     for key, shape in expected.items():
         if checkpoint[key].shape != shape:
+            meaning = next((f" ({text})" for name, text in shapes.items() if name in key), "")
             raise ValueError(
                 f"The CC-Tuning adapter '{adapter_name}' was trained for another base model: its `{key}` has "
-                f"shape {tuple(checkpoint[key].shape)}, this model needs {tuple(shape)} "
-                "([source layers, hidden size] for the Decision Maker, [hidden size, hidden size] for the "
-                "Transform Matrix)."
+                f"shape {tuple(checkpoint[key].shape)}, this model needs {tuple(shape)}{meaning}."
             )
 
 

@@ -199,6 +199,8 @@ def test_english_variance_prior_is_each_layers_share_of_the_variance():
     assert prior[1:].sum() == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="at least 2 prompts"):
         english_variance_prior(activations[:1])
+    same = english_variance_prior(torch.ones(4, 3, 2)).exp()  # identical prompts: nothing to favour
+    torch.testing.assert_close(same, torch.full((3,), 1 / 3))
 
 
 def test_favour_shifts_the_logits_at_the_mean_input_by_the_centred_prior():
