@@ -13,11 +13,11 @@ One process, in this order: plain QLoRA (training steps, generation), then the L
 quantized base gets a CC-Tuning adapter (training steps with and without `english_gradients`, generation with the
 shared prompt cache, a Transform Matrix fit), and last a CC-Tuning adapter with the recommended Decision Maker,
 `variance_reinforce_gated` (its English-variance initialisation, then training steps in its learning phase; the runs in
-docs/benchmarks.md used peft-cc 0.1's `variance_reinforce`, the same without the gate; the result key keeps that name). Each training variant reports
-the median step time (forward, backward, optimizer step) and the peak of torch's allocator over its steps; the ratios
-are CC-Tuning over plain QLoRA, measured on the same card in the same run. Paged optimizer states live in CUDA
-managed memory, outside torch's allocator: `device_used_gib` (the whole card's used memory, CUDA context included)
-shows them. Prints one JSON object.
+docs/benchmarks.md used peft-cc 0.1's `variance_reinforce`, the same without the gate; the result key keeps that name).
+Each training variant reports the median step time (forward, backward, optimizer step) and the peak of torch's
+allocator over its steps; the ratios are CC-Tuning over plain QLoRA, measured on the same card in the same run. Paged
+optimizer states live in CUDA managed memory, outside torch's allocator: `device_used_gib` (the whole card's used
+memory, CUDA context included) shows them. Prints one JSON object.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ class VarianceReinforceConfig:
     """The knobs of the `"variance_reinforce_gated"` Decision Maker (see `docs/decision_maker.md`).
 
     The strategy starts the Decision Maker favouring the candidate layers whose English activation varies most across
-    training prompts (computed from training examples before the first step); for the first `start_fraction` of training
-    its sampled choice is applied but not learned, while LoRA learns to read the injected activations; then it learns by
-    REINFORCE:
-    each row's loss, compared with the other rows' of the batch, rewards the layer that row injected. A learned gate
+    training prompts (computed from training examples before the first step). For the first `start_fraction` of
+    training its sampled choice is applied but not learned, while LoRA learns to read the injected activations; then
+    it learns by REINFORCE: each row's loss, compared with the other rows' of the batch, rewards the layer that row
+    injected. A learned gate
     per candidate layer, starting at `gate_init`, scales the injected activation.
     """
 

@@ -75,14 +75,14 @@ def test_adapters_with_different_ffn_outputs_hook_their_own_modules():
     layers = [0]
     rows, anchors = torch.tensor([0]), torch.tensor([2])
     ids = torch.randint(1, 96, (1, 4))
+    seen = []
     for name, module in (("default", "post_feedforward_layernorm"), ("mlp", "mlp")):
         model.set_adapter(name)
-        seen = []
         handle = getattr(base.model.layers[0], module).register_forward_hook(lambda m, a, out: seen.append(out[0, 2]))
         with torch.no_grad():
             recorded = cc_tuner(model).anchor_activations(ids, torch.ones_like(ids), rows, anchors, layers)
         handle.remove()
-        torch.testing.assert_close(recorded[0, 0], seen[0])
+        torch.testing.assert_close(recorded[0, 0], seen[-1])
 
 
 def test_disabled_adapters_give_the_base_model_and_come_back(architecture):
