@@ -49,11 +49,10 @@ def _write_cc_model_cards() -> None:
     `save_pretrained` writes the card with `create_or_update_model_card`. `push_to_hub` (transformers) saves the
     adapter into a folder, writes the Hub's model card over that one, then uploads the folder with
     `_upload_modified_files`. Both are wrapped (once) to write :func:`peft_cc.model_card.model_card` for a CC-Tuning
-    adapter, and to name a packaged base model by its Hub id in the uploaded `adapter_config.json`; other adapters are
-    left to PEFT.
+    adapter; other adapters are left to PEFT.
     """
     from .config import CCConfig
-    from .model_card import read_model_card_facts, use_hub_base_model, write_model_card
+    from .model_card import read_model_card_facts, write_model_card
 
     if getattr(PeftModel.create_or_update_model_card, "writes_cc_model_card", False):
         return
@@ -82,7 +81,6 @@ def _write_cc_model_cards() -> None:
         config = _cc_config(self)
         if config is not None:
             write_model_card(working_dir, config, self.base_model.model_card_facts, repo_id=repo_id)
-            use_hub_base_model(working_dir, config)
         return upload(self, working_dir, repo_id, *args, **kwargs)
 
     create_cc_model_card.writes_cc_model_card = True
