@@ -31,21 +31,12 @@ PAPER_URL = "https://arxiv.org/abs/2506.00875"
 FACT_KEYS = ("base_model", "languages", "datasets", "training", "layer_choice", "transform_matrix", "evaluation")
 
 
-def hub_base_model(name_or_path: str | None) -> str | None:
-    """The Hub id of a base model: a packaged model's converted checkpoint (see `peft_cc.packaged_models`) maps to
-    the public model it was converted from, a Hub id stays as it is, any other local folder has none (`None`)."""
-    from .packaged_models import PACKAGED_MODELS
-
-    if not name_or_path:
+def _hub_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` if it is a Hub id (`org/name`, not a local folder), else `None`."""
+    if not name_or_path or name_or_path.startswith(".") or name_or_path.count("/") != 1:
         return None
     path = Path(name_or_path)
-    if name_or_path in PACKAGED_MODELS:
-        return PACKAGED_MODELS[name_or_path].hub_id
-    if path.name in PACKAGED_MODELS and (path.is_absolute() or path.exists()):
-        return PACKAGED_MODELS[path.name].hub_id
-    if path.exists() or path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") != 1:
-        return None
-    return name_or_path
+    return None if path.is_absolute() or path.exists() else name_or_path
 
 
 def add_model_card_facts(model: Any, **facts: Any) -> None:
@@ -120,7 +111,7 @@ def model_card(config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id
     """
     facts = dict(facts or {})
     local_base = config.base_model_name_or_path
-    base_model = facts.get("base_model") or hub_base_model(local_base)
+    base_model = facts.get("base_model") or _hub_id(local_base)
     languages = list(facts.get("languages") or [])
     datasets = list(facts.get("datasets") or [])
     title = repo_id.split("/")[-1] if repo_id else "CC-Tuning adapter"
@@ -142,10 +133,7 @@ def model_card(config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id
         "the non-English prompt, the Transform Matrix simulates that English activation from the model's own.",
     ]
     if base_model and local_base and base_model != local_base:
-        sections.append(
-            f"The base model was loaded from a local copy (`{local_base}`); packaged models are dequantized GGUF "
-            "conversions of the public model named above."
-        )
+        sections.append(f"The base model was loaded from a local copy (`{local_base}`) of the model named above.")
     loading = repo_id or "<this repository>"
     sections += [
         "## How to load it",
@@ -246,15 +234,3 @@ def read_model_card_facts(directory: str | os.PathLike) -> dict[str, Any]:
         return {}
     found = FACTS_COMMENT.search(path.read_text(encoding="utf-8"))
     return json.loads(found.group("facts")) if found else {}
-
-
-def use_hub_base_model(directory: str | os.PathLike, config: CCConfig) -> None:
-    """Name the base model by its Hub id in `directory/adapter_config.json`, where the adapter records a local copy
-    of a Hub model (a packaged model's conversion), so that the pushed adapter loads its base from the Hub."""
-    hub_id = hub_base_model(config.base_model_name_or_path)
-    path = Path(directory) / "adapter_config.json"
-    if hub_id is None or hub_id == config.base_model_name_or_path or not path.is_file():
-        return
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved["base_model_name_or_path"] = hub_id
-    path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
