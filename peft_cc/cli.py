@@ -96,17 +96,16 @@ def sft(script_args, training_args, model_args, cc_args: CCArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
 
-    from .packaged_models import resolve_model_path
     from .sft_trainer import CCSFTTrainer
 
     if not model_args.model_name_or_path:
-        raise ValueError("No model: set `model_name_or_path` (a Hub id, a local folder, or a packaged model's name).")
+        raise ValueError("No model: set `model_name_or_path` (a Hub id or a local folder).")
     if not script_args.dataset_name:
         raise ValueError(
             "No dataset: set `dataset_name` to a .jsonl/.json/.csv/.parquet file, a saved dataset folder or a Hub "
             "dataset id with the columns `prompt`, `completion` and the English prompt (`english_prompt_field`)."
         )
-    path = resolve_model_path(model_args.model_name_or_path)
+    path = model_args.model_name_or_path
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path,

@@ -33,21 +33,12 @@ PAPER_URL = "https://arxiv.org/abs/2506.00875"
 FACT_KEYS = ("base_model", "languages", "datasets", "training", "layer_choice", "transform_matrix", "evaluation")
 
 
-def hub_base_model(name_or_path: str | None) -> str | None:
-    """The Hub id of a base model: a packaged model's converted checkpoint (see `peft_cc.packaged_models`) maps to
-    the public model it was converted from, a Hub id stays as it is, any other local folder has none (`None`)."""
-    from .packaged_models import PACKAGED_MODELS
-
-    if not name_or_path:
+def _hub_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` if it is a Hub id (`org/name`, not a local folder), else `None`."""
+    if not name_or_path or name_or_path.startswith(".") or name_or_path.count("/") != 1:
         return None
     path = Path(name_or_path)
-    if name_or_path in PACKAGED_MODELS:
-        return PACKAGED_MODELS[name_or_path].hub_id
-    if path.name in PACKAGED_MODELS and (path.is_absolute() or path.exists()):
-        return PACKAGED_MODELS[path.name].hub_id
-    if path.exists() or path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") != 1:
-        return None
-    return name_or_path
+    return None if path.is_absolute() or path.exists() else name_or_path
 
 
 def add_model_card_facts(model: Any, **facts: Any) -> None:
@@ -122,7 +113,7 @@ def model_card(config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id
     """
     facts = dict(facts or {})
     local_base = config.base_model_name_or_path
-    base_model = facts.get("base_model") or hub_base_model(local_base)
+    base_model = facts.get("base_model") or _hub_id(local_base)
     languages = list(facts.get("languages") or [])
     datasets = list(facts.get("datasets") or [])
     title = repo_id.split("/")[-1] if repo_id else "CC-Tuning adapter"
@@ -144,10 +135,7 @@ def model_card(config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id
         "the non-English prompt, the Transform Matrix simulates that English activation from the model's own.",
     ]
     if base_model and local_base and base_model != local_base:
-        sections.append(
-            f"The base model was loaded from a local copy (`{local_base}`); packaged models are dequantized GGUF "
-            "conversions of the public model named above."
-        )
+        sections.append(f"The base model was loaded from a local copy (`{local_base}`) of the model named above.")
     sections += _loading_section(repo_id, base_model or local_base)
     sections += _adapter_section(config)
     sections += _facts_sections(facts, languages, datasets)
@@ -276,18 +264,6 @@ def read_model_card_facts(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(found.group("facts")) if found else {}
 
 
-def use_hub_base_model(directory: str | os.PathLike, config: CCConfig) -> None:
-    """Name the base model by its Hub id in `directory/adapter_config.json`, where the adapter records a local copy
-    of a Hub model (a packaged model's conversion), so that the pushed adapter loads its base from the Hub."""
-    hub_id = hub_base_model(config.base_model_name_or_path)
-    path = Path(directory) / "adapter_config.json"
-    if hub_id is None or hub_id == config.base_model_name_or_path or not path.is_file():
-        return
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved["base_model_name_or_path"] = hub_id
-    path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
-
-
 def _cc_config(model: PeftModel) -> CCConfig | None:
     """The configuration of the model's active CC-Tuning adapter, or `None` for other adapters."""
     config = model.peft_config.get(model.active_adapter)
@@ -301,8 +277,7 @@ def install_model_card_hooks() -> None:
     PEFT has no per-method hook for the card: `save_pretrained` writes it with `create_or_update_model_card`, and
     `push_to_hub` (transformers) saves the adapter into a folder, writes the Hub's model card over that one, then
     uploads the folder with `_upload_modified_files`. Both are wrapped to write :func:`model_card` for a CC-Tuning
-    adapter (and to name a packaged base model by its Hub id in the uploaded `adapter_config.json`); other adapters
-    are left to PEFT.
+    adapter; other adapters are left to PEFT.
     """
     if getattr(PeftModel.create_or_update_model_card, "writes_cc_model_card", False):
         return
@@ -331,7 +306,6 @@ def install_model_card_hooks() -> None:
         config = _cc_config(self)
         if config is not None:
             write_model_card(working_dir, config, self.base_model.model_card_facts, repo_id=repo_id)
-            use_hub_base_model(working_dir, config)
         return upload(self, working_dir, repo_id, *args, **kwargs)
 
     create_cc_model_card.writes_cc_model_card = True

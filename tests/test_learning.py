@@ -1,19 +1,19 @@
 """Information crosses the connection: a task whose answer only the English prompt contains.
 
 The English prompt names one of twelve words; the French prompt only asks which word was named; the completion is
-the word (see `peft_cc.capacity_task`). LoRA alone cannot do better than the prior over the twelve words. CC-Tuning,
-with the source restricted to the last layer, can read the word from the injected English activation.
+the word (see `benchmarks/capacity_task.py`). LoRA alone cannot do better than the prior over the twelve words.
+CC-Tuning, with the source restricted to the last layer, can read the word from the injected English activation.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from capacity_task import heldout_batch, training_batches, without_english
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_cc import CCConfig
-from peft_cc.capacity_task import heldout_batch, training_batches, without_english
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +38,15 @@ def _train_and_evaluate(model, tokenizer, use_connection: bool) -> float:
 
 # A hang guard, not a speed check: ~90 s on 2 idle cores, several times that on a loaded machine.
 @pytest.mark.timeout(1800)
-def test_connection_carries_what_only_the_english_prompt_knows(smollm2_dir, smollm2_tokenizer):
+def test_connection_carries_what_only_the_english_prompt_knows(smollm2_id, smollm2_tokenizer):
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_id, dtype=torch.float32)
     lora_alone = _train_and_evaluate(
         get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA)), smollm2_tokenizer, use_connection=False
     )
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_id, dtype=torch.float32)
     cc_tuning = _train_and_evaluate(
         get_peft_model(base, CCConfig(source_layers=[-1], **LORA)), smollm2_tokenizer, use_connection=True
     )

@@ -18,8 +18,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from sft_helpers import conversational_rows, make_tiny_tokenizer
 
 import peft_cc
-from peft_cc.model_card import MODEL_CARD_MARKER, add_model_card_facts, hub_base_model, read_model_card_facts
-from peft_cc.packaged_models import default_cache_dir
+from peft_cc.model_card import MODEL_CARD_MARKER, add_model_card_facts, model_card, read_model_card_facts
 
 PEFT_TEMPLATE_TEXT = "[More Information Needed]"
 
@@ -62,18 +61,25 @@ def trained(tmp_path_factory):
     return trainer
 
 
-def test_hub_base_model():
-    """Packaged models' local conversions map to their public ids; Hub ids stay; other local folders have none."""
-    assert hub_base_model(str(default_cache_dir() / "smollm2-135m-instruct")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert hub_base_model("/anywhere/cache/gemma3-270m") == "google/gemma-3-270m"
-    assert hub_base_model("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert hub_base_model("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
-    assert hub_base_model("/data/models/my-llama") is None
-    assert hub_base_model(None) is None
+def test_card_names_a_base_model_loaded_by_hub_id_and_a_local_one_as_local(tmp_path):
+    """A Hub id is the card's base model; a local folder is not, unless the user names the Hub model it copies."""
+    config = peft_cc.CCConfig(r=4, target_modules=["q_proj"], base_model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct")
+    card = model_card(config)
+    assert card_metadata(card)["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert "[Qwen/Qwen2.5-0.5B-Instruct](https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct)" in card
+    for local in (str(tmp_path), "/data/models/my-llama", "./my-llama", "models/llama/v2"):
+        config.base_model_name_or_path = local
+        card = model_card(config)
+        assert card_metadata(card).get("base_model") is None and f"the local model `{local}`" in card
+    card = model_card(config, {"base_model": "meta-llama/Llama-3.2-1B"})
+    assert card_metadata(card)["base_model"] == "meta-llama/Llama-3.2-1B"
+    assert "loaded from a local copy (`models/llama/v2`)" in card
+    config.base_model_name_or_path = None
+    assert "an unrecorded base model" in model_card(config)
 
 
 def test_saved_card_of_the_real_smollm2_names_its_hub_id(smollm2_model, tmp_path):
-    """An adapter on the packaged SmolLM2 (a local conversion) names HuggingFaceTB/SmolLM2-135M-Instruct as base."""
+    """An adapter on SmolLM2 loaded by its Hub id (from the Hub cache) names HuggingFaceTB/SmolLM2-135M-Instruct."""
     model = peft.get_peft_model(smollm2_model, peft_cc.CCConfig(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
@@ -181,12 +187,12 @@ def test_loaded_adapter_keeps_the_facts_of_its_card(trained, tmp_path):
     )
 
 
-def test_pushed_adapter_of_the_real_smollm2_names_its_base_on_the_hub(smollm2_model, hub, tmp_path):
-    """The pushed adapter_config.json names the Hub id of the packaged base; the local save keeps the local path."""
+def test_pushed_adapter_of_the_real_smollm2_names_its_base_on_the_hub(smollm2_model, hub):
+    """The pushed adapter_config.json and card name the Hub id that the base model was loaded by."""
     model = peft.get_peft_model(smollm2_model, peft_cc.CCConfig(r=4, target_modules=["q_proj"]))
     model.push_to_hub("user/cc-smollm2", token="x")
     pushed = json.loads(hub["adapter_config.json"])
     assert pushed["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    model.save_pretrained(tmp_path)
-    local = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert Path(local["base_model_name_or_path"]).is_dir()  # loads offline here
+    card = hub["README.md"].decode()
+    assert card_metadata(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert 'AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in card

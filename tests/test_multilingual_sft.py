@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
+import multilingual_sft as experiment
 import pytest
 from helpers import REPO_ROOT
 
@@ -13,15 +13,7 @@ from peft_cc.parallel_data import available_languages, load_parallel_items
 DATA_ROOT = os.environ.get("PEFT_CC_BENCHMARKS", str(REPO_ROOT.parent / "shared" / "data" / "benchmarks"))
 
 
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("multilingual_sft", REPO_ROOT / "benchmarks" / "multilingual_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_no_evaluated_item_is_trained_on_in_any_language(experiment, smollm2_tokenizer, monkeypatch):
+def test_no_evaluated_item_is_trained_on_in_any_language(smollm2_tokenizer, monkeypatch):
     if not os.path.isdir(DATA_ROOT):
         pytest.skip(f"no benchmark data at {DATA_ROOT}")
     monkeypatch.setattr("sys.argv", ["multilingual_sft.py", "--data-root", DATA_ROOT, "--steps", "50"])
@@ -41,7 +33,7 @@ def test_no_evaluated_item_is_trained_on_in_any_language(experiment, smollm2_tok
         assert len(smollm2_tokenizer(text)["input_ids"]) + 16 <= args.max_length
 
 
-def test_seed_summary_pools_the_seeds_of_each_system(experiment):
+def test_seed_summary_pools_the_seeds_of_each_system():
     def result(mkqa_nll: float, xnli: float) -> dict:
         return {
             "benchmarks": {
@@ -59,7 +51,7 @@ def test_seed_summary_pools_the_seeds_of_each_system(experiment):
     assert "| base | 1 | 0.0 | 4.00 |" in rows["base"]
 
 
-def test_cc_options_and_systems_are_parsed_and_checked(experiment, monkeypatch):
+def test_cc_options_and_systems_are_parsed_and_checked(monkeypatch):
     options = '{"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"start_fraction": 0.5}}'
     argv = ["multilingual_sft.py", "--systems", "cc", "--cc-name", "cc-ev", "--cc-options", options]
     argv += ["--cc-trainer-options", '{"decision_maker_learning_rate": 0.005}']

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
+import paired_comparison as paired
 import pytest
-from helpers import REPO_ROOT
-
-
-@pytest.fixture(scope="module")
-def paired():
-    path = REPO_ROOT / "benchmarks" / "paired_comparison.py"
-    spec = importlib.util.spec_from_file_location("paired_comparison", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def system(nll: dict[str, list[float]], accuracy: list[float]) -> dict:
@@ -38,7 +28,7 @@ def write_report(path, systems: dict[str, dict]) -> str:
     return str(path)
 
 
-def test_differences_are_paired_over_items_with_the_seeds_averaged(tmp_path, paired):
+def test_differences_are_paired_over_items_with_the_seeds_averaged(tmp_path):
     baseline = write_report(tmp_path / "base.json", {"base": system({"de": [2.0, 3.0], "en": [9.0, 9.0]}, [1, 0])})
     report = write_report(
         tmp_path / "new.json",
@@ -61,7 +51,7 @@ def test_differences_are_paired_over_items_with_the_seeds_averaged(tmp_path, pai
     assert "| new | 2 | MKQA | gold NLL | 2 | 2.000 | -0.500 ± 0.000 |" in table
 
 
-def test_bad_systems_are_refused_with_what_is_there(tmp_path, paired):
+def test_bad_systems_are_refused_with_what_is_there(tmp_path):
     report = write_report(tmp_path / "r.json", {"lora-seed0": system({"de": [1.0, 2.0]}, [1, 0])})
     with pytest.raises(Exception, match=r"starts with 'cc-'.*lora-seed0"):
         paired.parse_system(f"cc={report}:cc-")

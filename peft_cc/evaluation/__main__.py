@@ -1,9 +1,9 @@
 """Command line: evaluate a model (optionally with an adapter) on the benchmarks, or compare saved results.
 
-    python -m peft_cc.evaluation --model smollm2-135m-instruct --benchmarks XQuAD,MKQA --languages en,de,zh \\
-        --limit 16 --output results/base/results.json
-    python -m peft_cc.evaluation --model smollm2-135m-instruct --adapter outputs/cc --connection monolingual \\
-        --limit 16 --output results/cc/results.json
+    python -m peft_cc.evaluation --model HuggingFaceTB/SmolLM2-135M-Instruct --benchmarks XQuAD,MKQA \\
+        --languages en,de,zh --limit 16 --output results/base/results.json
+    python -m peft_cc.evaluation --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter outputs/cc \\
+        --connection monolingual --limit 16 --output results/cc/results.json
     python -m peft_cc.evaluation --compare results/base/results.json results/cc/results.json \\
         --output results/comparison/results.json
 
@@ -48,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     system = parser.add_argument_group("the system to evaluate")
     system.add_argument(
         "--model",
-        help="A packaged model's name (smollm2-135m-instruct, gemma3-270m), a local path or a Hub id. Default with "
-        "--adapter: the base model the adapter records.",
+        help="A local checkpoint folder or a Hub id. Default with --adapter: the base model the adapter records.",
     )
     system.add_argument("--adapter", help="A saved PEFT adapter folder (LoRA, CC-Tuning, ...) to load onto the model.")
     system.add_argument("--connection", choices=CONNECTIONS, help=_help("connection"))

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from ..packaged_models import PACKAGED_MODELS, resolve_model_path
-
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -22,9 +20,6 @@ def default_device() -> str:
 def adapter_base_model(adapter: str | os.PathLike) -> str:
     """The base model a saved adapter records (`base_model_name_or_path` of its `adapter_config.json`).
 
-    A packaged model's converted checkpoint that is not on this machine (an adapter trained elsewhere) is returned
-    as the packaged model's name, which :func:`load_system` converts again.
-
     Raises:
         ValueError: the folder has no `adapter_config.json`, or it records no base model.
     """
@@ -34,8 +29,6 @@ def adapter_base_model(adapter: str | os.PathLike) -> str:
     recorded = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not recorded:
         raise ValueError(f"The adapter {adapter} records no base model: pass --model.")
-    if not Path(recorded).exists() and Path(recorded).name in PACKAGED_MODELS:
-        return Path(recorded).name
     return recorded
 
 
@@ -48,25 +41,23 @@ def load_system(
     """Load a causal LM and its tokenizer, and a PEFT adapter (LoRA, CC-Tuning, ...) onto it, in eval mode.
 
     Args:
-        model: a packaged model's name (see `peft_cc.packaged_models.PACKAGED_MODELS`), a local checkpoint folder
-            or a Hub id.
+        model: a local checkpoint folder or a Hub id.
         adapter: a folder saved by `save_pretrained` of a PEFT model (a CC-Tuning adapter needs `peft_cc`, which
             this module imports).
         dtype: the weights' dtype, one of :data:`DTYPES` (`"auto"`: the checkpoint's).
         device: where to run (default: :func:`default_device`).
 
     Returns:
-        `(model, tokenizer, settings)`; `settings` records the model, its resolved path, the adapter and the
-        loading time in seconds, for the results.
+        `(model, tokenizer, settings)`; `settings` records the model (`model_path`: its absolute path, for a local
+        folder), the adapter and the loading time in seconds, for the results.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     started = time.perf_counter()
-    path = resolve_model_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     if adapter is not None:
         from peft import PeftModel
 
@@ -74,7 +65,7 @@ def load_system(
     loaded.to(device or default_device()).eval()
     settings = {
         "model": model,
-        "model_path": str(Path(path).resolve()) if model in PACKAGED_MODELS or Path(path).exists() else path,
+        "model_path": str(Path(model).resolve()) if Path(model).exists() else model,
         "adapter": str(Path(adapter).resolve()) if adapter is not None else None,
         "load_seconds": time.perf_counter() - started,
     }

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .tokenization import collate_pairs, encode_pair
+from peft_cc.tokenization import collate_pairs, encode_pair
 
 WORDS = (
     "apple",
