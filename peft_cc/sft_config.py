@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 
@@ -17,7 +19,8 @@ class CCSFTConfig(SFTConfig):
     The trainer trains on [prompt-completion](https://huggingface.co/docs/trl/dataset_formats#prompt-completion)
     data, plain text or conversational, in which every example also holds the English version of its prompt (in the
     column `english_prompt_field`, in the same form as `prompt`). Packing and padding-free batching are not supported:
-    the cross-lingual connection needs one prompt, with one anchor, per row.
+    the cross-lingual connection needs one prompt, with one anchor, per row; nor are `completion_only_loss=False` and
+    `label_smoothing_factor` (see [`check_supported_options`]).
 
     Parameters:
         > Parameters that control the data
@@ -48,23 +51,22 @@ class CCSFTConfig(SFTConfig):
             as it stands.
 
         decision_maker_learning_rate (`float`, *optional*):
-            Learning rate of the Decision Maker's weights, in their own optimizer parameter group (no weight decay;
-            the same schedule as the other weights). `None` trains them with `learning_rate`, as the paper does. An
-            optimizer passed to the trainer (`optimizers=`) is used as it is.
-        injection_gate_learning_rate (`float`, *optional*):
-            Learning rate of the Decision Maker's injection gate (`CCConfig.injection_gate_init`), in its own
-            parameter group (no weight decay, the same schedule). `None` trains it with the Decision Maker's rate.
+            Learning rate of the Decision Maker's parameters (its weights and, for the gated strategy, its gate), in
+            their own optimizer parameter group (no weight decay; the same schedule as the other weights). `None`
+            trains them with `learning_rate`, as the paper does. An optimizer passed to the trainer (`optimizers=`)
+            is used as it is.
         decision_maker_init_examples (`int`, *optional*, defaults to `64`):
             Number of training examples (the first batches of the training data) from which the trainer
-            initialises the Decision Maker when the adapter has `decision_maker_init="english_variance"`.
+            initialises the Decision Maker when the adapter has `decision_maker="variance_reinforce_gated"`.
 
         > Parameters that control the logging
 
         log_layer_frequencies (`bool`, *optional*, defaults to `True`):
             Whether training logs hold, next to the summary of the layer choice (`cc/choice_entropy`,
             `cc/most_chosen_layer`, ...), one key `cc/layer_frequency/<layer>` per candidate source layer: the fraction
-            of the connected rows since the previous log whose Decision Maker chose that layer (and, with
-            `injection_gate_init`, one key `cc/injection_gate/<layer>`: that layer's learned gate).
+            of the connected rows since the previous log whose Decision Maker chose that layer (and, for
+            `decision_maker="variance_reinforce_gated"`, one key `cc/injection_gate/<layer>`: that layer's learned
+            gate).
     """
 
     english_prompt_field: str = field(
@@ -100,31 +102,24 @@ class CCSFTConfig(SFTConfig):
     decision_maker_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Learning rate of the Decision Maker's weights (their own parameter group, no weight decay, the "
-            "same schedule). None uses `learning_rate`, as the paper does. An optimizer passed to the trainer is "
-            "used as it is."
-        },
-    )
-    injection_gate_learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Learning rate of the Decision Maker's injection gate (`CCConfig.injection_gate_init`), in its "
-            "own parameter group (no weight decay, the same schedule). None uses the Decision Maker's rate."
+            "help": "Learning rate of the Decision Maker's parameters, its gate included (their own parameter group, "
+            "no weight decay, the same schedule). None uses `learning_rate`, as the paper does. An optimizer passed "
+            "to the trainer is used as it is."
         },
     )
     decision_maker_init_examples: int = field(
         default=64,
         metadata={
             "help": "Number of training examples (the first batches) from which the Decision Maker is initialised "
-            "when the adapter has `decision_maker_init='english_variance'` (at least 2)."
+            "when the adapter has `decision_maker='variance_reinforce_gated'` (at least 2)."
         },
     )
     log_layer_frequencies: bool = field(
         default=True,
         metadata={
             "help": "Whether training logs hold one key `cc/layer_frequency/<layer>` per candidate source layer (the "
-            "fraction of connected rows whose Decision Maker chose it since the previous log) and, with "
-            "`injection_gate_init`, one key `cc/injection_gate/<layer>` (its learned gate)."
+            "fraction of connected rows whose Decision Maker chose it since the previous log) and, for the gated "
+            "Decision Maker, one key `cc/injection_gate/<layer>` (its learned gate)."
         },
     )
 
@@ -146,11 +141,10 @@ class CCSFTConfig(SFTConfig):
             raise ValueError(
                 f"`decision_maker_init_examples` must be an int >= 2, got {self.decision_maker_init_examples!r}."
             )
-        for name in ("decision_maker_learning_rate", "injection_gate_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
-                raise ValueError(f"`{name}` must be None or a number > 0, got {value!r}.")
-        unsupported_batching(self)
+        rate = self.decision_maker_learning_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not rate > 0):
+            raise ValueError(f"`decision_maker_learning_rate` must be None or a number > 0, got {rate!r}.")
+        check_supported_options(self)
 
 
 def _is_int(value: Any) -> bool:
@@ -158,11 +152,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def unsupported_batching(args: SFTConfig) -> None:
-    """Refuse the batching modes that break the one-anchor-per-row structure of CC-Tuning.
+# Why `label_smoothing_factor` and `compute_loss_func` are refused.
+REPLACED_LOSS = (
+    "TRL computes that loss from a second forward call without the labels, from which the CC-Tuning connection "
+    "finds its anchors and the Decision Maker its reward, and whose layer choice is another sample than the one the "
+    "logged statistics count. Use `loss_type` ('nll' or 'dft'), or subclass CCSFTTrainer and override `compute_loss`."
+)
+
+
+def check_supported_options(args: SFTConfig) -> None:
+    """Refuse the TRL options that break CC-Tuning's one anchor per row, or its loss.
 
     Raises:
-        ValueError: for `packing`, `eval_packing` or `padding_free`.
+        ValueError: for `packing`, `eval_packing`, `padding_free`, `completion_only_loss=False` or
+            `label_smoothing_factor`.
     """
     for name in ("packing", "eval_packing", "padding_free"):
         if getattr(args, name, None):
@@ -172,3 +175,24 @@ def unsupported_batching(args: SFTConfig) -> None:
                 "into one row, or flattening a batch into one sequence (padding-free), leaves no single anchor per "
                 f"row. Set `{name}=False`."
             )
+    if args.completion_only_loss is False:
+        raise ValueError(
+            "CC-Tuning needs `completion_only_loss` (None or True): the connection is applied at the last prompt "
+            "token, which the model finds as the position before the first label; with a loss on the prompt it "
+            "would find none."
+        )
+    if args.label_smoothing_factor > 0:
+        raise ValueError(f"`label_smoothing_factor` is not supported: {REPLACED_LOSS}")
+
+
+def as_cc_sft_config(args: TrainingArguments | None, model: Any) -> CCSFTConfig:
+    """`args` as a `CCSFTConfig`: the CC-Tuning defaults added to a `SFTConfig` or `TrainingArguments`, or, for `None`,
+    the defaults with `output_dir` named after `model` (a model id or a model)."""
+    if isinstance(args, CCSFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model") or "model"
+        return CCSFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-CC")
+    # The values as set (`to_dict` would hide every `*_token` field, `eos_token` and `pad_token` included).
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(args) if field.init}
+    return CCSFTConfig(**{key: value for key, value in values.items() if key in CCSFTConfig.__dataclass_fields__})

@@ -63,7 +63,8 @@ def test_config_file_then_flags(tmp_path, tiny_checkpoint, pairs_file):
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "CC"
     assert saved["r"] == 4 and saved["lora_alpha"] == 32  # TRL ModelConfig's default
-    assert saved["injection_gate_init"] == 0.3  # the preset named on the command line
+    assert saved["decision_maker"] == "variance_reinforce_gated"  # the strategy named on the command line
+    assert saved["variance_reinforce_config"]["gate_init"] == 0.3
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 

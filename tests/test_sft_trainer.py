@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from unittest import mock
 
 import peft
 import pytest
 import torch
-from conftest import _COMMON, make_tiny_model
+from conftest import _COMMON, VOCAB_SIZE, make_tiny_model
 from datasets import Dataset
 from helpers import cc_config
 from peft import LoraConfig, PeftModel
@@ -26,6 +27,15 @@ from trl import SFTConfig
 import peft_cc
 from peft_cc import CCSFTConfig, CCSFTTrainer, DataCollatorForCCLanguageModeling
 from peft_cc.anchors import anchors_from_labels
+from peft_cc.callbacks import (
+    DecisionMakerInitializationCallback,
+    LayerChoiceCallback,
+    TrainingFactsCallback,
+    TrainingProgressCallback,
+    TransformMatrixCallback,
+)
+from peft_cc.sft_data import training_pairs
+from peft_cc.sft_trainer import decision_maker_parameters
 
 # Tiny models fitted on a few pairs are underdetermined on purpose (the fit's own tests check that warning).
 pytestmark = pytest.mark.filterwarnings("ignore:Fitting the .* Transform Matrix on only:UserWarning")
@@ -36,7 +46,6 @@ CC_FIELDS = (
     "transform_batch_size",
     "deterministic_gumbel_noise",
     "decision_maker_learning_rate",
-    "injection_gate_learning_rate",
     "decision_maker_init_examples",
 )
 BATCH_KEYS = {"input_ids", "attention_mask", "labels", "english_input_ids", "english_attention_mask"}
@@ -120,7 +129,7 @@ def test_config_has_the_cc_fields_with_help_and_paper_defaults(tmp_path):
         ({"transform_batch_size": 0}, "transform_batch_size"),
         ({"english_prompt_field": ""}, "english_prompt_field"),
         ({"decision_maker_learning_rate": 0.0}, "decision_maker_learning_rate"),
-        ({"injection_gate_learning_rate": True}, "injection_gate_learning_rate"),
+        ({"decision_maker_learning_rate": True}, "decision_maker_learning_rate"),
         ({"decision_maker_init_examples": 1}, "decision_maker_init_examples"),
         ({"packing": True}, "packing"),
         ({"padding_free": True}, "padding_free"),
@@ -216,11 +225,27 @@ def test_a_model_without_a_cc_adapter_is_refused(tmp_path, tokenizer, case):
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"completion_only_loss": False}, "completion_only_loss"), ({"loss_type": "dft"}, "loss_type")],
+    [
+        ({"completion_only_loss": False}, "completion_only_loss"),
+        ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+    ],
 )
 def test_options_that_break_the_anchor_or_the_loss_are_refused(tmp_path, tokenizer, options, message):
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, tokenizer, **options)
+
+
+def test_a_loss_function_is_refused(tmp_path, tokenizer):
+    """TRL computes a `compute_loss_func` loss from a forward call without labels: no anchors, no reward."""
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        CCSFTTrainer(
+            model=make_tiny_model("llama"),
+            args=make_args(tmp_path),
+            train_dataset=Dataset.from_list(conversational_rows()),
+            processing_class=tokenizer,
+            peft_config=cc_config(),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
+        )
 
 
 def test_a_formatting_function_is_refused(tmp_path, tokenizer):
@@ -255,7 +280,7 @@ def test_english_prompt_is_tokenized_exactly_like_the_prompt(tmp_path, tokenizer
     for row in trainer.train_dataset:
         assert row["english_input_ids"] == row["input_ids"][: first_label(row["labels"])]
     # The Transform Matrix is fitted on the same prompts: the training prompt up to its anchor, and the English one.
-    for prompt, english in trainer._transform_pairs(4):
+    for prompt, english in training_pairs(trainer.train_dataset, 4, seed=0):
         assert prompt == english
     first = trainer.train_dataset[0]["english_input_ids"]
     if kind == "plain":
@@ -336,34 +361,80 @@ def test_collator_pads_english_prompts_right_and_keeps_empty_ones_unconnectable(
 # ------------------------------------------------------------------------------------------------ loss
 
 
-def test_loss_is_the_models_own_loss_on_the_same_batch(tmp_path, tokenizer):
+def first_batch(trainer) -> dict[str, torch.Tensor]:
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def recorded_forward_outputs(trainer, run) -> list:
+    """The outputs of the CC-Tuning tuner's forward calls while `run()` runs."""
+    outputs = []
+    handle = trainer.cc_model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return outputs
+
+
+def test_loss_is_trls_fused_loss_plus_the_decision_makers(tmp_path, tokenizer):
+    """`loss_type="nll"` (TRL's default): the model's own causal-LM loss on the same batch, computed by TRL's fused LM
+    head, whose output has no `[B, T, V]` logits, plus the Decision Maker's term (value 0)."""
     trainer = make_trainer(tmp_path, tokenizer, per_device_train_batch_size=4, deterministic_gumbel_noise=False)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = first_batch(trainer)
     model = trainer.model
     model.eval()  # bilingual connection with the arg-max choice
+    losses = []
     with torch.no_grad():
-        assert torch.allclose(trainer.compute_loss(model, dict(batch)), model(**batch).loss)
+        expected = model(**batch)
+        outputs = recorded_forward_outputs(trainer, lambda: losses.append(trainer.compute_loss(model, dict(batch))))
+    assert torch.allclose(losses[0], expected.loss, atol=1e-6)
+    assert len(outputs) == 1 and outputs[0].get("logits") is None and outputs[0]["log_probs"].shape[0] == 4
+
     model.train()  # sampled choice: the same seed draws the same Gumbel noise
     torch.manual_seed(7)
-    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    losses = []
+    outputs = recorded_forward_outputs(trainer, lambda: losses.append(trainer.compute_loss(model, dict(batch))))
+    assert outputs[0].get("logits") is None and outputs[0]["decision_maker_loss"].requires_grad
     torch.manual_seed(7)
     expected = model(**batch)
-    assert torch.allclose(loss, expected.loss)
-    assert torch.equal(outputs.layer_choice, expected.layer_choice)
+    assert torch.equal(outputs[0]["layer_choice"], expected.layer_choice)
+    assert torch.allclose(losses[0], expected.loss + expected.decision_maker_loss, atol=1e-6)
     # With the token count of an accumulated batch, the loss is the sum over tokens divided by that count.
     num_tokens = int((batch["labels"][:, 1:] != -100).sum())
     torch.manual_seed(7)
     scaled = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(2 * num_tokens))
-    assert torch.allclose(scaled, expected.loss / 2)
+    assert torch.allclose(scaled, expected.loss / 2, atol=1e-6)
+
+
+def test_dft_loss_weighs_each_token_by_its_probability_and_trains(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, per_device_train_batch_size=4)
+    batch = first_batch(trainer)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        supervised = labels != -100
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0][supervised]
+        nll = trainer.compute_loss(model, dict(batch))
+        trainer.args.loss_type = "dft"
+        dft = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(nll, -log_probs.mean())
+    torch.testing.assert_close(dft, -(log_probs * log_probs.exp()).mean())
+    assert dft < nll
+
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=2, loss_type="dft", transform_pairs=0, logging_steps=1)
+    outputs = recorded_forward_outputs(trainer, trainer.train)
+    assert len(outputs) == 2 and all(output.get("logits") is None for output in outputs)  # the fused LM head
+    assert all(math.isfinite(entry["loss"]) and "cc/choice_entropy" in entry for entry in train_logs(trainer))
 
 
 def test_gumbel_noise_is_seeded_by_the_place_of_the_micro_batch(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, per_device_train_batch_size=4)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = first_batch(trainer)
     trainer.model.train()
 
     def logits_with_noise():
-        with trainer._connection_noise("train"):
+        with trainer._connection_noise():
             return torch.empty(64).exponential_()
 
     first, second = logits_with_noise(), logits_with_noise()  # micro-batches 0 and 1 of step 0
@@ -450,15 +521,52 @@ def test_transform_pairs_zero_turns_the_fit_off(tmp_path, tokenizer):
     assert trainer.transform_matrix_stats is None
 
 
-def test_training_progress_drives_the_temperature_schedule(tmp_path, tokenizer):
-    config = cc_config(gumbel_temperature=2.0, gumbel_temperature_final=0.5, soft_choice_fraction=0.5)
-    trainer = make_trainer(tmp_path, tokenizer, peft_config=config, max_steps=4, logging_steps=1, transform_pairs=0)
+def test_training_progress_is_reported_before_every_step(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=4, gradient_accumulation_steps=2, transform_pairs=0)
+    progress, compute_loss = [], trainer.compute_loss
+
+    def recording(*args, **kwargs):
+        progress.append(trainer.cc_model.training_progress)
+        return compute_loss(*args, **kwargs)
+
+    trainer.compute_loss = recording
     trainer.train()
-    logs = train_logs(trainer)
-    temperatures = [entry["cc/gumbel_temperature"] for entry in logs]
-    # Logged after steps 1..4, the temperature of the step's forward pass (progress 0, 1/4, 2/4, 3/4).
-    assert temperatures == pytest.approx([2.0 * 0.25 ** (step / 4) for step in range(4)])
-    assert [entry["cc/soft_choice"] for entry in logs] == [1.0, 1.0, 0.0, 0.0]
+    assert progress == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]  # global_step / max_steps, per micro-batch
+
+
+def test_the_trainer_adds_its_callbacks_once(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer)
+    kinds = [type(callback) for callback in trainer.callback_handler.callbacks]
+    for kind in (
+        TrainingProgressCallback,
+        DecisionMakerInitializationCallback,
+        LayerChoiceCallback,
+        TrainingFactsCallback,
+        TransformMatrixCallback,
+    ):
+        assert kinds.count(kind) == 1, kind
+
+
+def test_evaluation_with_compute_metrics_gets_the_logits(tmp_path, tokenizer):
+    """`compute_metrics` needs the logits, which TRL computes in a second forward call without labels."""
+    shapes = []
+
+    def compute_metrics(prediction):
+        shapes.append(prediction.predictions.shape)
+        return {"rows": float(prediction.predictions.shape[0])}
+
+    trainer = CCSFTTrainer(
+        model=make_tiny_model("llama"),
+        args=make_args(tmp_path),
+        train_dataset=Dataset.from_list(conversational_rows(PAIRS[:8])),
+        eval_dataset=Dataset.from_list(conversational_rows(PAIRS[8:12])),
+        processing_class=tokenizer,
+        peft_config=cc_config(),
+        compute_metrics=compute_metrics,
+    )
+    with pytest.warns(FutureWarning, match="return_outputs"):
+        metrics = trainer.evaluate()
+    assert metrics["eval_rows"] == 4 and shapes[0][-1] == VOCAB_SIZE and math.isfinite(metrics["eval_loss"])
 
 
 def test_an_iterable_dataset_trains(tmp_path, tokenizer):
@@ -546,14 +654,28 @@ def test_qlora_on_a_4bit_model_keeps_the_decision_maker_in_float32(tmp_path, tok
     assert torch.any(trainer.cc_model.transform_matrix() != 0)
 
 
+GATED = dict(decision_maker="variance_reinforce_gated")
+
+
 def test_decision_maker_learning_rate_is_its_own_scheduled_parameter_group(tmp_path, tokenizer):
+    """The group holds the parameters of the Decision Maker module, its gate included, and nothing else."""
     trainer = make_trainer(
-        tmp_path, tokenizer, max_steps=2, decision_maker_learning_rate=0.05, weight_decay=0.1, transform_pairs=0
+        tmp_path,
+        tokenizer,
+        peft_config=cc_config(**GATED),
+        max_steps=2,
+        decision_maker_learning_rate=0.05,
+        weight_decay=0.1,
+        transform_pairs=0,
     )
     trainer.train()
-    decision_maker = trainer.cc_model.decision_maker().weight
-    groups = [group for group in trainer.optimizer.param_groups if any(p is decision_maker for p in group["params"])]
-    assert len(groups) == 1 and len(groups[0]["params"]) == 1
+    decision_maker = list(trainer.cc_model.cc_decision_maker["default"].parameters())
+    assert len(decision_maker) == 2  # weight [S, d] and gate [S]
+    assert decision_maker_parameters(trainer.model) == decision_maker == decision_maker_parameters(trainer.cc_model)
+    groups = [
+        group for group in trainer.optimizer.param_groups if any(p is decision_maker[0] for p in group["params"])
+    ]
+    assert len(groups) == 1 and groups[0]["params"] == decision_maker
     assert groups[0]["initial_lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
     others = [group for group in trainer.optimizer.param_groups if group is not groups[0] and group["params"]]
     assert others and all(group["initial_lr"] == trainer.args.learning_rate for group in others)
@@ -561,32 +683,9 @@ def test_decision_maker_learning_rate_is_its_own_scheduled_parameter_group(tmp_p
     assert lora == sum(1 for name, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in name)
 
 
-def test_injection_gate_learning_rate_is_a_group_apart_from_the_decision_makers(tmp_path, tokenizer):
-    options = dict(max_steps=1, transform_pairs=0, peft_config=cc_config(injection_gate_init=0.0))
-    trainer = make_trainer(
-        tmp_path, tokenizer, decision_maker_learning_rate=0.05, injection_gate_learning_rate=0.2, **options
-    )
-    trainer.train()
-    decision_maker = trainer.cc_model.decision_maker()
-    rates = {
-        name: [group["initial_lr"] for group in trainer.optimizer.param_groups if any(p is q for q in group["params"])]
-        for name, p in (("weight", decision_maker.weight), ("gate", decision_maker.gate))
-    }
-    assert rates == {"weight": [0.05], "gate": [0.2]}
-    shared = make_trainer(tmp_path / "shared", tokenizer, decision_maker_learning_rate=0.05, **options)
-    shared.train()  # without its own rate, the gate learns at the Decision Maker's
-    group = next(
-        g
-        for g in shared.optimizer.param_groups
-        if any(p is shared.cc_model.decision_maker().gate for p in g["params"])
-    )
-    assert group["initial_lr"] == 0.05 and len(group["params"]) == 2
-
-
 def test_training_logs_the_injection_gates(tmp_path, tokenizer):
-    config = cc_config(injection_gate_init=0.0)
     trainer = make_trainer(
-        tmp_path, tokenizer, peft_config=config, max_steps=2, logging_steps=1, injection_gate_learning_rate=0.2
+        tmp_path, tokenizer, peft_config=cc_config(**GATED), max_steps=2, logging_steps=1, transform_pairs=0
     )
     trainer.train()
     logs = train_logs(trainer)
@@ -595,10 +694,51 @@ def test_training_logs_the_injection_gates(tmp_path, tokenizer):
     for entry in logs:
         gates = {layer: entry[f"cc/injection_gate/{layer}"] for layer in sources}
         assert entry["cc/most_chosen_gate"] == gates[entry["cc/most_chosen_layer"]]
-    # Each log holds the gates after its step: the last ones are the adapter's, and they moved from 0.
+    # Each log holds the gates after its step: the last ones are the adapter's, and they moved from gate_init.
     final = trainer.cc_model.decision_maker().gate.tolist()
     assert [logs[-1][f"cc/injection_gate/{layer}"] for layer in sources] == final
-    assert any(value != 0.0 for value in final)
+    assert any(value != pytest.approx(0.3) for value in final)
+
+
+def test_the_reinforce_gradient_reaches_the_decision_maker_through_the_trainer(tmp_path, tokenizer):
+    """The gated strategy's Decision Maker learns only from `decision_maker_loss`, which the trainer adds."""
+    trainer = make_trainer(tmp_path, tokenizer, peft_config=cc_config(**GATED), per_device_train_batch_size=4)
+    state = torch.get_rng_state()
+    trainer.initialize_decision_maker()
+    assert torch.equal(torch.get_rng_state(), state), "the global generator is left as it was"
+    batch = first_batch(trainer)
+    model, weight = trainer.model.train(), trainer.cc_model.decision_maker().weight
+    trainer.cc_model.set_training_progress(0.5)  # past start_fraction (0.25): the Decision Maker learns
+
+    def weight_gradient(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.zeros_like(weight) if weight.grad is None else weight.grad.clone()
+
+    torch.manual_seed(3)
+    model_loss_only = weight_gradient(model(**batch).loss)
+    trainer.args.deterministic_gumbel_noise = False
+    torch.manual_seed(3)
+    with_decision_maker_loss = weight_gradient(trainer.compute_loss(model, dict(batch)))
+    assert torch.count_nonzero(model_loss_only) == 0
+    assert torch.count_nonzero(with_decision_maker_loss) > 0
+
+    # Scaled like TRL's loss: when `num_items_in_batch` counts the tokens of all processes, times their number (DDP
+    # averages the gradients over them).
+    def gradient_with(num_processes: int) -> torch.Tensor:
+        num_tokens = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
+        with mock.patch.object(type(trainer.accelerator), "num_processes", num_processes):
+            torch.manual_seed(3)
+            return weight_gradient(trainer.compute_loss(model, dict(batch), num_items_in_batch=num_tokens))
+
+    torch.testing.assert_close(gradient_with(1), with_decision_maker_loss)
+    torch.testing.assert_close(gradient_with(2), 2 * with_decision_maker_loss)
+
+    trainer.args.deterministic_gumbel_noise = True
+    initialised = weight.detach().clone()
+    trainer.args.max_steps, trainer.args.transform_pairs = 2, 0
+    trainer.train()  # its second step runs at progress 0.5, past start_fraction
+    assert not torch.equal(weight, initialised)
 
 
 def test_english_variance_init_runs_before_training_and_keeps_the_data_order(tmp_path, tokenizer):
@@ -615,8 +755,7 @@ def test_english_variance_init_runs_before_training_and_keeps_the_data_order(tmp
 
     options = dict(max_steps=3, transform_pairs=0, decision_maker_init_examples=4)
     plain = make_trainer(tmp_path / "plain", tokenizer, **options)
-    config = cc_config(decision_maker_init="english_variance")
-    initialised = make_trainer(tmp_path / "init", tokenizer, peft_config=config, **options)
+    initialised = make_trainer(tmp_path / "init", tokenizer, peft_config=cc_config(**GATED), **options)
     assert initialised.cc_model.needs_decision_maker_initialization()
     untrained = initialised.cc_model.decision_maker().weight.detach().clone()
     seen_plain, seen_initialised = seen_batches(plain), seen_batches(initialised)
@@ -691,15 +830,3 @@ def test_smollm2_end_to_end_with_its_chat_template(tmp_path, smollm2_dir, smollm
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     output = reloaded.generate(**batch, max_new_tokens=6, do_sample=False)  # the monolingual connection
     assert output.shape[0] == 2 and batch["input_ids"].shape[1] < output.shape[1] <= batch["input_ids"].shape[1] + 6
-
-
-def test_score_function_trains_the_decision_maker_and_refuses_a_replaced_loss(tmp_path, tokenizer):
-    config = cc_config(decision_maker_gradient="score_function")
-    trainer = make_trainer(tmp_path, tokenizer, peft_config=config, max_steps=2, transform_pairs=0)
-    untrained = trainer.cc_model.decision_maker().weight.detach().clone()
-    trainer.train()
-    assert not torch.equal(trainer.cc_model.decision_maker().weight, untrained)
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
-        make_trainer(tmp_path, tokenizer, peft_config=config, label_smoothing_factor=0.1)
-    with pytest.raises(ValueError, match="choice_balance_weight"):
-        make_trainer(tmp_path, tokenizer, peft_config=cc_config(choice_balance_weight=0.1), label_smoothing_factor=0.1)
