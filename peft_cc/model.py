@@ -8,6 +8,8 @@ English activation after decoder layer `injection_layer`, at the anchor.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +31,14 @@ from .generation import generate_with_connection
 
 DECISION_MAKER_KEY = "cc_decision_maker"
 TRANSFORM_MATRIX_KEY = "cc_transform_matrix"
+
+
+@functools.cache
+def _with_connection_fields(output_type: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_type` plus the fields of [`CCCausalLMOutputWithPast`] that say what the connection did."""
+    names = ("connected_rows", "layer_choice", "layer_logits", "decision_maker_loss")
+    fields = [(name, torch.Tensor | None, dataclasses.field(default=None)) for name in names]
+    return dataclasses.make_dataclass(f"CC{output_type.__name__}", fields, bases=(output_type,))
 
 
 @dataclass
@@ -263,9 +273,9 @@ class CCModel(LoraModel):
         }
         if type(outputs) is CausalLMOutputWithPast:
             return CCCausalLMOutputWithPast(**outputs, **facts)
-        for key, value in facts.items():
-            outputs[key] = value
-        return outputs
+        # Another output type (e.g. TRL's fused LM head's): a subclass with these fields, since torch's pytree, through
+        # which DDP passes the output, rebuilds an output from the fields of its type.
+        return _with_connection_fields(type(outputs))(**outputs, **facts)
 
     def _adapter_to_connect(
         self, english_input_ids: torch.Tensor | None, anchor_positions: torch.Tensor | None
