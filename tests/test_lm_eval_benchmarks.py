@@ -104,6 +104,7 @@ def test_every_benchmark_and_language_of_the_shared_data_root_has_a_task():
         expected = {f"peft_cc_{benchmark.lower()}_{language}" for language in languages}
         assert expected <= set(manager.all_subtasks)
         assert f"peft_cc_{benchmark.lower()}" in manager.all_groups
+        assert {f"peft_cc_{language}" for language in languages} <= set(manager.all_tags)
 
 
 @pytest.mark.slow
