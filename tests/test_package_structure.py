@@ -73,7 +73,14 @@ def test_no_import_cycle_inside_the_package():
 def test_every_module_is_reached_from_the_package_or_its_commands():
     """What `import peft_cc` (and its lazily imported trainer) or an installed command loads: nothing else ships."""
     graph = _graph()
-    roots = ["peft_cc", "peft_cc.sft_trainer", "peft_cc.cli", "peft_cc.evaluation", "peft_cc.evaluation.__main__"]
+    roots = [
+        "peft_cc",
+        "peft_cc.sft_trainer",
+        "peft_cc.cli",
+        "peft_cc.evaluation",
+        "peft_cc.evaluation.__main__",
+        "peft_cc.lm_eval.__main__",
+    ]
     reached, todo = set(), list(roots)
     while todo:
         module = todo.pop()

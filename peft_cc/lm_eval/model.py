@@ -1,0 +1,272 @@
+"""The `cc` model type of lm-evaluation-harness: a model with a CC-Tuning adapter, evaluated with its connection.
+
+It is lm-eval's `hf` model (:class:`lm_eval.models.huggingface.HFLM`, same model arguments) plus:
+
+- `connection`: how the adapter's cross-lingual connection applies (default: `monolingual` for a CC-Tuning
+  adapter; a base model or another adapter has none):
+
+  - `monolingual`: English activations simulated from the model's own with the fitted Transform Matrix (the
+    deployment setting, where only the non-English prompt exists);
+  - `bilingual`: the real English prompt of every document runs too (the training setting; an upper bound);
+  - `off`: LoRA only.
+
+- `english_field` (default `english_prompt`) and `prompt_field` (default `prompt`), for `bilingual`: the document
+  fields that hold the English prompt and the prompt it translates. A request's English context is its context with
+  the document's prompt replaced by the English one, so that it is templated exactly alike (chat template, system
+  prompt, few-shot examples).
+
+Where the connection applies, as in :meth:`peft_cc.CCModel.generate`: at the last token of each request's context.
+Log-likelihood requests run one forward pass per (context, continuation) row with that row's anchor
+(`CCModel.forward(..., anchor_positions=...)`), so a score is exactly the log-likelihood that `CCModel` computes for
+the continuation after that context. Generation runs `generate(..., connection=...)`. Rolling log-likelihoods
+(perplexity tasks) have no context to anchor the connection to: they run with `connection=off` only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from ..model import CCModel
+
+Connection = Literal["monolingual", "bilingual", "off"]
+CONNECTIONS: tuple[str, ...] = ("monolingual", "bilingual", "off")
+
+
+def resolve_connection(model: torch.nn.Module, connection: str | None) -> Connection | None:
+    """The connection to evaluate `model` with: `connection`, by default `monolingual` for a CC-Tuning adapter.
+
+    Returns:
+        `None` for a model without a CC-Tuning adapter (a base model, a LoRA adapter).
+
+    Raises:
+        ValueError: an unknown connection; `monolingual` or `bilingual` for a model without a CC-Tuning adapter;
+            `monolingual` with a Transform Matrix that was never fitted.
+    """
+    if connection is not None and connection not in CONNECTIONS:
+        raise ValueError(f"`connection` must be one of {', '.join(CONNECTIONS)}, got {connection!r}.")
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, CCModel):
+        if connection in ("monolingual", "bilingual"):
+            raise ValueError(
+                f"connection={connection} needs a CC-Tuning adapter; this model has none (give one with peft=...)."
+            )
+        return None
+    connection = connection or "monolingual"
+    if connection == "monolingual" and not tuner.is_transform_matrix_fitted():
+        raise ValueError(
+            "The monolingual connection needs the adapter's Transform Matrix, which was never fitted: fit it with "
+            "`peft_cc.fit_transform_matrix` and save the adapter again, or evaluate with connection=bilingual (real "
+            "English prompts) or connection=off (LoRA only)."
+        )
+    return connection
+
+
+def english_context(context: str, doc: dict, prompt_field: str, english_field: str) -> str:
+    """`context` with the document's prompt (its last occurrence) replaced by the document's English prompt.
+
+    Raises:
+        ValueError: the document lacks either field, or its prompt does not occur in `context`.
+    """
+    missing = [field for field in (prompt_field, english_field) if not isinstance(doc.get(field), str)]
+    if missing:
+        raise ValueError(
+            f"The bilingual connection needs every document's prompt and its English version as text fields; this "
+            f"document has no text field {' or '.join(map(repr, missing))} (its fields: {', '.join(doc)}). Name them "
+            "with the model args prompt_field=... and english_field=..., or evaluate with connection=monolingual or "
+            "connection=off."
+        )
+    prompt = doc[prompt_field]
+    if prompt not in context:
+        prompt = prompt.strip()
+    if not prompt or prompt not in context:
+        raise ValueError(
+            f"The document's {prompt_field!r} does not occur in the request's context, so its English version cannot "
+            f"take its place: the task's prompt (doc_to_text) must contain the field {prompt_field!r} verbatim."
+        )
+    head, _, tail = context.rpartition(prompt)
+    return head + doc[english_field] + tail
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One forward row of log-likelihood scoring: its tokens, the anchor (last context token), the English context."""
+
+    tokens: tuple[int, ...]
+    anchor: int
+    english: tuple[int, ...]
+
+
+@register_model("cc")
+class CCLM(HFLM):
+    """lm-eval's `hf` model with a CC-Tuning adapter's connection (see the module docstring).
+
+    Args:
+        pretrained: the base model (Hub id or folder), or a loaded model (a `PeftModel` with a CC-Tuning adapter).
+        connection: `monolingual`, `bilingual` or `off` (default: `monolingual` for a CC-Tuning adapter).
+        english_field: the document field holding the English prompt (bilingual connection).
+        prompt_field: the document field holding the prompt that `english_field` translates (bilingual connection).
+        **kwargs: the arguments of lm-eval's `hf` model (`peft`, `dtype`, `tokenizer`, `batch_size`, `device`, ...).
+    """
+
+    def __init__(
+        self,
+        pretrained,
+        connection: str | None = None,
+        english_field: str = "english_prompt",
+        prompt_field: str = "prompt",
+        **kwargs,
+    ) -> None:
+        super().__init__(pretrained, **kwargs)
+        self.connection = resolve_connection(self.model, connection)
+        self.english_field = english_field
+        self.prompt_field = prompt_field
+        self._english_contexts: dict[str, str] = {}
+        self._batch_contexts: list[str] = []
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._remember_english_contexts(requests)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        self._remember_english_contexts(requests)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        if self._connects:
+            raise ValueError(
+                "Rolling log-likelihoods (perplexity tasks) have no prompt whose last token could anchor the "
+                f"connection; evaluate them with connection=off (this model has connection={self.connection})."
+            )
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    @property
+    def _connects(self) -> bool:
+        return self.connection in ("monolingual", "bilingual")
+
+    def _remember_english_contexts(self, requests: list[Instance]) -> None:
+        """For the bilingual connection: the English context of every request's context (see the module docstring)."""
+        self._english_contexts = {}
+        if self.connection != "bilingual":
+            return
+        for request in requests:
+            context = request.args[0]
+            english = english_context(context, request.doc, self.prompt_field, self.english_field)
+            if self._english_contexts.setdefault(context, english) != english:
+                raise ValueError(
+                    f"Two documents of {request.task_name} have the same context but different English prompts "
+                    f"(field {self.english_field!r}); the bilingual connection needs one English prompt per context."
+                )
+
+    # ------------------------------------------------------------------------------------------- generation
+
+    def tok_batch_encode(self, strings: list[str], *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        # generate_until encodes each batch of contexts here just before `_model_generate` runs it: the batch's
+        # contexts name their English contexts there.
+        self._batch_contexts = list(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+        """`generate` with the connection at the last token of every (left-padded) context row."""
+        if self.connection is not None:
+            generation_kwargs["connection"] = self.connection
+        if self.connection == "bilingual":
+            english = [self._english_contexts[text] for text in self._batch_contexts]
+            english_ids, english_mask = super().tok_batch_encode(english, left_truncate_len=self.max_length)
+            generation_kwargs["english_input_ids"] = english_ids.to(self.device)
+            generation_kwargs["english_attention_mask"] = english_mask.to(self.device)
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    # ------------------------------------------------------------------------------------------- log-likelihood
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str | None, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        """`(log-likelihood, whether greedy)` of every request's continuation, with the connection at its context's
+        last token. Requests with the same tokens and anchor share one forward row (the options of a
+        multiple-choice question of one token each: one row)."""
+        if not self._connects:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        requests_of_row: dict[_Row, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            requests_of_row[self._row(request)].append(index)
+        rows = sorted(requests_of_row, key=lambda row: -len(row.tokens))
+        batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 0)
+        batch_size = batch_size or self._detect_batch_size()
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Connected log-likelihoods")
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            log_probs = self._connected_log_probs(batch)  # [B, T, V]
+            for row_log_probs, row in zip(log_probs, batch):
+                for index in requests_of_row[row]:
+                    (request_strings, _, continuation) = requests[index]
+                    results[index] = _continuation_score(row_log_probs[: len(row.tokens)], continuation)
+                    if request_strings is not None:
+                        self.cache_hook.add_partial("loglikelihood", request_strings, results[index])
+                    progress.update(1)
+        progress.close()
+        return results
+
+    def _row(self, request: tuple[tuple[str | None, str], list[int], list[int]]) -> _Row:
+        """The forward row of a request: context and continuation but its last token, left-truncated to the model's
+        length as lm-eval's `hf` model does; the anchor is the last context token."""
+        (context, _), context_ids, continuation_ids = request
+        tokens = tuple((context_ids + continuation_ids)[-(self.max_length + 1) :][:-1])
+        english: tuple[int, ...] = ()
+        if self.connection == "bilingual":
+            english_text = self._english_contexts[context]
+            english = tuple(self.tok_encode(english_text, left_truncate_len=self.max_length))
+        return _Row(tokens, len(tokens) - len(continuation_ids), english)
+
+    @torch.no_grad()
+    def _connected_log_probs(self, rows: Sequence[_Row]) -> torch.Tensor:
+        """`[B, T, V]` log-probabilities of the right-padded rows, with the connection at each row's anchor."""
+        input_ids, attention_mask = self._right_pad([row.tokens for row in rows])
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "anchor_positions": torch.tensor([row.anchor for row in rows], device=self.device),
+        }
+        if self.connection == "bilingual":
+            inputs["english_input_ids"], inputs["english_attention_mask"] = self._right_pad([r.english for r in rows])
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            logits = self.model(**inputs).logits
+        return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+
+    def _right_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids` and `attention_mask`, `[B, T]` on the model's device, of right-padded token rows."""
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, : len(row)] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def _continuation_score(log_probs: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:
+    """`(sum of the continuation's log-probabilities, whether each of its tokens is the arg-max)` from the `[T, V]`
+    log-probabilities of its row, whose last `len(continuation)` positions predict it."""
+    predicting = log_probs[-len(continuation) :]
+    targets = torch.tensor(continuation, device=log_probs.device)
+    score = predicting.gather(-1, targets[:, None]).sum()
+    return float(score), bool((predicting.argmax(-1) == targets).all())

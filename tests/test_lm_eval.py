@@ -1,0 +1,259 @@
+"""The `cc` model type of lm-eval: a tiny random Llama with a tiny CC-Tuning adapter, run end to end through
+`lm_eval.simple_evaluate` on local JSONL tasks, against what `CCModel` computes by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from helpers import cc_config, fit_random_transform, randomize_lora_b
+from transformers import LlamaConfig, LlamaForCausalLM
+
+pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from peft_cc.lm_eval import TASKS_DIR  # noqa: E402
+from peft_cc.lm_eval.__main__ import with_task_path  # noqa: E402
+from peft_cc.lm_eval.model import CCLM, english_context  # noqa: E402
+
+DOCS = [
+    {"prompt": "Ist der Himmel blau?", "english_prompt": "Is the sky blue?", "answer": "ja"},
+    {"prompt": "Schwimmen Fische im Wasser, wenn es regnet?", "english_prompt": "Do fish swim?", "answer": "ja"},
+    {"prompt": "Fliegt ein Stein?", "english_prompt": "Does a stone fly when thrown far?", "answer": "nein"},
+]
+CHOICES = [" yes", " no", " maybe so"]  # the last one has two tokens
+STOP = "\n\n\n"
+MAX_NEW_TOKENS = 5
+
+TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+"""
+CHOICE_TASK = """\
+output_type: multiple_choice
+doc_to_choice: {choices}
+doc_to_target: 0
+metric_list:
+  - metric: acc
+"""
+GENERATION_TASK = """\
+output_type: generate_until
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n\\n"]
+  max_gen_toks: {max_new_tokens}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """Two tasks over DOCS: `tiny_choice` (multiple choice: log-likelihoods) and `tiny_generation`."""
+    folder = tmp_path_factory.mktemp("tasks")
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS), encoding="utf-8")
+    (folder / "tiny_choice.yaml").write_text(
+        TASK_YAML.format(name="tiny_choice", data=data) + CHOICE_TASK.format(choices=json.dumps(CHOICES))
+    )
+    (folder / "tiny_generation.yaml").write_text(
+        TASK_YAML.format(name="tiny_generation", data=data) + GENERATION_TASK.format(max_new_tokens=MAX_NEW_TOKENS)
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, smollm2_tokenizer):
+    """`(base folder, adapter folder)`: a tiny random Llama with SmolLM2's tokenizer, and a CC-Tuning adapter on it
+    with random LoRA weights and a (random) fitted Transform Matrix."""
+    tokenizer = smollm2_tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    base_dir, adapter_dir = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("adapter")
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, cc_config(injection_layer=1))
+    randomize_lora_b(model)
+    fit_random_transform(model, scale=3.0)
+    model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir
+
+
+def load(checkpoints, **model_args) -> CCLM:
+    base_dir, adapter_dir = checkpoints
+    return CCLM(
+        pretrained=str(base_dir), peft=str(adapter_dir), device="cpu", batch_size=4, dtype="float32", **model_args
+    )
+
+
+def evaluate(lm: CCLM, task_dir, task: str) -> list[dict]:
+    """The logged samples of `task` (in document order) after an evaluation of `lm` with the chat template."""
+    results = simple_evaluate(
+        model=lm,
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        apply_chat_template=True,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    return sorted(results["samples"][task], key=lambda sample: sample["doc_id"])
+
+
+@torch.no_grad()
+def log_likelihood_by_hand(lm: CCLM, context: str, continuation: str, connected: bool = True, **english) -> float:
+    """The continuation's log-likelihood from one unpadded forward of `lm.model`: connected, anchored at the last
+    context token (`anchor_positions`; bilingual with `english_input_ids`), or LoRA alone."""
+    context_ids, continuation_ids = lm._encode_pair(context, continuation)
+    input_ids = torch.tensor([context_ids + continuation_ids[:-1]])
+    connection = {"anchor_positions": torch.tensor([len(context_ids) - 1]), **english} if connected else {}
+    log_probs = torch.log_softmax(lm.model(input_ids=input_ids, **connection).logits[0].float(), dim=-1)
+    predicting = log_probs[len(context_ids) - 1 :]
+    return float(predicting.gather(-1, torch.tensor(continuation_ids)[:, None]).sum())
+
+
+def english_ids(lm: CCLM, sample: dict) -> torch.Tensor:
+    context = sample["arguments"][0][0]
+    english = context.replace(sample["doc"]["prompt"], sample["doc"]["english_prompt"])
+    assert english != context
+    return torch.tensor([lm.tok_encode(english)])
+
+
+def log_likelihoods(samples: list[dict]) -> list[list[float]]:
+    return [[float(response[0]) for response in sample["filtered_resps"]] for sample in samples]
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    """The `cc` model with each connection, loaded once: `models[connection]`."""
+    return {connection: load(checkpoints, connection=connection) for connection in ("monolingual", "bilingual", "off")}
+
+
+@pytest.fixture(scope="module")
+def samples(models, task_dir):
+    """`samples(connection, task)`: the logged samples of one evaluation (run once per module)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+
+    def run(connection: str, task: str) -> list[dict]:
+        if (connection, task) not in runs:
+            runs[connection, task] = evaluate(models[connection], task_dir, task)
+        return runs[connection, task]
+
+    return run
+
+
+def test_log_likelihoods_with_the_connection_are_those_of_ccmodel_anchored_at_the_context_end(models, samples):
+    lm = models["monolingual"]
+    connected, off = samples("monolingual", "tiny_choice"), log_likelihoods(samples("off", "tiny_choice"))
+    assert len(connected) == len(DOCS)
+    for sample, lora in zip(connected, off):
+        context = sample["arguments"][0][0]
+        assert "<|im_start|>user" in context  # the chat template applied
+        expected = [log_likelihood_by_hand(lm, context, choice) for choice in CHOICES]
+        assert log_likelihoods([sample])[0] == pytest.approx(expected, abs=1e-4)
+        assert all(abs(with_connection - alone) > 1e-3 for with_connection, alone in zip(expected, lora))
+
+
+def test_connection_off_is_lora_alone(models, samples):
+    for sample in samples("off", "tiny_choice"):
+        context = sample["arguments"][0][0]
+        expected = [log_likelihood_by_hand(models["off"], context, choice, connected=False) for choice in CHOICES]
+        assert log_likelihoods([sample])[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_bilingual_log_likelihoods_use_each_document_english_prompt(models, samples):
+    lm = models["bilingual"]
+    off = log_likelihoods(samples("off", "tiny_choice"))
+    for sample, lora in zip(samples("bilingual", "tiny_choice"), off):
+        context = sample["arguments"][0][0]
+        english = english_ids(lm, sample)
+        expected = [log_likelihood_by_hand(lm, context, choice, english_input_ids=english) for choice in CHOICES]
+        assert log_likelihoods([sample])[0] == pytest.approx(expected, abs=1e-4)
+        assert all(abs(with_connection - alone) > 1e-3 for with_connection, alone in zip(expected, lora))
+
+
+@torch.no_grad()
+def generated_by_hand(lm: CCLM, context: str, **connection) -> str:
+    input_ids = torch.tensor([lm.tok_encode(context)])
+    output = lm.model.generate(input_ids=input_ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, **connection)
+    text = lm.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    for stop in (STOP, lm.tokenizer.eos_token):
+        text = text.split(stop)[0]
+    return text
+
+
+@pytest.mark.parametrize("connection", ["monolingual", "bilingual", "off"])
+def test_generation_is_that_of_ccmodel_generate(models, samples, connection):
+    lm = models[connection]
+    for sample in samples(connection, "tiny_generation"):
+        inputs = {"connection": connection}
+        if connection == "bilingual":
+            inputs["english_input_ids"] = english_ids(lm, sample)
+        assert sample["resps"][0][0] == generated_by_hand(lm, sample["arguments"][0][0], **inputs)
+
+
+def test_the_connection_changes_the_generated_text(samples):
+    outputs = {c: [s["resps"][0][0] for s in samples(c, "tiny_generation")] for c in ("monolingual", "off")}
+    assert outputs["monolingual"] != outputs["off"]
+
+
+def test_bilingual_without_the_english_field_is_refused(checkpoints, task_dir):
+    lm = load(checkpoints, connection="bilingual", english_field="english")
+    with pytest.raises(ValueError, match="no text field 'english'.*english_field="):
+        evaluate(lm, task_dir, "tiny_choice")
+
+
+def test_english_context_replaces_the_document_prompt():
+    doc = {"prompt": "Hallo?", "english_prompt": "Hello?"}
+    assert english_context("<u>Hallo?</u><a>", doc, "prompt", "english_prompt") == "<u>Hello?</u><a>"
+    with pytest.raises(ValueError, match="does not occur"):
+        english_context("<u>Bonjour?</u>", doc, "prompt", "english_prompt")
+
+
+def test_connections_a_model_cannot_apply_are_refused(checkpoints):
+    base_dir, _ = checkpoints
+    with pytest.raises(ValueError, match="needs a CC-Tuning adapter"):
+        CCLM(pretrained=str(base_dir), device="cpu", connection="monolingual")
+    with pytest.raises(ValueError, match="must be one of"):
+        load(checkpoints, connection="both")
+
+
+def test_rolling_log_likelihoods_refuse_the_connection(models):
+    with pytest.raises(ValueError, match="connection=off"):
+        models["monolingual"].loglikelihood_rolling([])
+
+
+def test_command_line_puts_this_package_tasks_on_the_path():
+    assert with_task_path(["--model", "cc"]) == ["--model", "cc", "--include_path", str(TASKS_DIR)]
+    assert with_task_path(["--include_path", "mine"]) == ["--include_path", "mine"]
+    assert with_task_path([]) == []
+
+
+def test_import_peft_cc_does_not_import_lm_eval():
+    code = "import sys, peft_cc; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

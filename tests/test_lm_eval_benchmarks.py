@@ -1,0 +1,131 @@
+"""The data root's six benchmarks as lm-eval tasks: documents, item scores, task configurations, and a run with the
+packaged SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from peft_cc.lm_eval import TASKS_DIR  # noqa: E402
+from peft_cc.lm_eval.benchmarks import (  # noqa: E402
+    DATA_ROOT_VARIABLE,
+    load_benchmark,
+    resolve_data_root,
+    score_extractive_qa,
+    score_open_qa,
+    score_summary,
+)
+from peft_cc.lm_eval.model import CCLM  # noqa: E402
+
+SHARED_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+BENCHMARKS = ("XNLI", "XStoryCloze", "MMMLU", "XQuAD", "MKQA", "XLSum")
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    """A hand-made data root: XNLI and MKQA in English and German."""
+    for benchmark, answers in (("XNLI", ["2", "3"]), ("MKQA", [["Paris"], ["1999", "neunzehnhundert"]])):
+        for language in ("en", "de"):
+            prompts = [{"prompt": f"{benchmark} {language} question {index}"} for index in range(2)]
+            write_jsonl(tmp_path / benchmark / "prompts" / f"{language}.jsonl", prompts)
+            write_jsonl(tmp_path / benchmark / "answers" / f"{language}.jsonl", answers)
+    return tmp_path
+
+
+def test_documents_hold_the_prompt_its_english_version_and_the_gold_answers(data_root):
+    xnli = load_benchmark("XNLI", "de", data_root=str(data_root), version=1.0)["test"]
+    assert xnli[1] == {
+        "prompt": "XNLI de question 1",
+        "english_prompt": "XNLI en question 1",
+        "language": "de",
+        "answers": ["3"],
+        "label": 2,
+    }
+    mkqa = load_benchmark("MKQA", "de", data_root=str(data_root))["test"]
+    assert mkqa[1]["answers"] == ["1999", "neunzehnhundert"] and mkqa[1]["label"] == -1
+
+
+def test_a_multiple_choice_gold_answer_outside_the_labels_is_refused(data_root):
+    write_jsonl(data_root / "XNLI" / "answers" / "de.jsonl", ["2", "entailment"])
+    with pytest.raises(ValueError, match="line 2: 'entailment' is not one of"):
+        load_benchmark("XNLI", "de", data_root=str(data_root))
+
+
+def test_the_data_root_comes_from_the_metadata_else_the_environment(monkeypatch):
+    monkeypatch.setenv(DATA_ROOT_VARIABLE, "/from/environment")
+    assert resolve_data_root("/from/metadata") == "/from/metadata"
+    assert resolve_data_root(None) == "/from/environment"
+    monkeypatch.delenv(DATA_ROOT_VARIABLE)
+    with pytest.raises(ValueError, match="--metadata"):
+        resolve_data_root(None)
+
+
+def test_extractive_qa_scores_count_characters_in_chinese():
+    doc = {"answers": ["北京大学"], "language": "zh"}
+    scores = score_extractive_qa(doc, ["在北京大学。", (-2.5, False)])
+    assert scores["exact_match"] == 0.0
+    assert scores["contains"] == 1.0
+    assert scores["f1"] == pytest.approx(2 * (4 / 5) * 1 / (4 / 5 + 1))  # 4 of 5 characters, all 4 of the gold
+    assert scores["answer_nll"] == 2.5
+
+
+def test_open_qa_accuracy_is_containment_of_any_gold_answer_on_token_boundaries():
+    doc = {"answers": ["1999", "neunzehnhundert"], "language": "de"}
+    assert score_open_qa(doc, ["Im Jahr 1999.", (-1.0, True)])["accuracy"] == 1.0
+    assert score_open_qa(doc, ["Im Jahr 19990", (-1.0, True)])["accuracy"] == 0.0
+    english = score_open_qa({"answers": ["the Beatles"], "language": "en"}, ["Beatles", (-1.0, True)])
+    assert english["exact_match"] == 1.0  # English articles do not count
+
+
+def test_summary_rouge_l_counts_thai_characters():
+    # Tokens: แ ม ว กิ น (a vowel sign stays with its consonant) against แ ม ว: precision 1, recall 3/5.
+    doc = {"answers": ["แมวกิน"], "language": "th"}
+    assert score_summary(doc, ["แมว", (-3.0, False)]) == {"rouge_l": pytest.approx(0.75), "answer_nll": 3.0}
+
+
+def test_every_benchmark_and_language_of_the_shared_data_root_has_a_task():
+    if not SHARED_DATA_ROOT.is_dir():
+        pytest.skip(f"no shared data root at {SHARED_DATA_ROOT}")
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    for benchmark in BENCHMARKS:
+        languages = sorted(path.stem for path in (SHARED_DATA_ROOT / benchmark / "prompts").glob("*.jsonl"))
+        expected = {f"peft_cc_{benchmark.lower()}_{language}" for language in languages}
+        assert expected <= set(manager.all_subtasks)
+        assert f"peft_cc_{benchmark.lower()}" in manager.all_groups
+        assert {f"peft_cc_{language}" for language in languages} <= set(manager.all_tags)
+
+
+@pytest.mark.slow
+def test_the_six_benchmarks_run_with_smollm2_on_the_shared_data_root(smollm2_id, monkeypatch):
+    if not SHARED_DATA_ROOT.is_dir():
+        pytest.skip(f"no shared data root at {SHARED_DATA_ROOT}")
+    monkeypatch.setenv(DATA_ROOT_VARIABLE, str(SHARED_DATA_ROOT))  # the environment, as the metadata is absent
+    tasks = [f"peft_cc_{benchmark.lower()}_{'zh' if benchmark != 'MMMLU' else 'es'}" for benchmark in BENCHMARKS]
+    tasks[-1] = "peft_cc_xlsum_fr"
+    lm = CCLM(pretrained=smollm2_id, device="cpu", dtype="float32", batch_size=4, max_length=1024)
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        limit=2,
+        apply_chat_template=True,
+        bootstrap_iters=0,
+        gen_kwargs={"max_gen_toks": 8},
+    )["results"]
+    for benchmark, task in zip(BENCHMARKS, tasks):
+        metric = {"XQuAD": "f1", "MKQA": "accuracy", "XLSum": "rouge_l"}.get(benchmark, "acc")
+        assert 0.0 <= results[task][f"{metric},none"] <= 1.0
+        if benchmark in ("XQuAD", "MKQA", "XLSum"):
+            assert results[task]["answer_nll,none"] > 0.0
