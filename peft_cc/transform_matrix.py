@@ -283,13 +283,7 @@ def fit_transform_matrix(
         raise ValueError("The Transform Matrix fit is not finite (non-finite activations?); nothing was stored.")
     tuner.set_transform_matrix(transform, adapter_name)
     stats = {
-        "num_pairs": counts.fitted,
-        "num_heldout_pairs": counts.heldout,
-        "num_skipped_pairs": counts.skipped,
-        "num_rows": fit.num_rows,
-        "num_heldout_rows": heldout.num_rows,
-        "r2_heldout": heldout.r_squared(transform),
-        "r2_train": fit.r_squared(transform),
+        **_fit_statistics(counts, fit, heldout, transform),
         "ridge": lam,
         "ridge_relative": float(ridge),
         "hidden_size": hidden_size,
@@ -299,6 +293,21 @@ def fit_transform_matrix(
     }
     tuner.model_card_facts["transform_matrix"] = stats
     return stats
+
+
+def _fit_statistics(
+    counts: _Counts, fit: NormalEquations, heldout: NormalEquations, transform: torch.Tensor
+) -> dict[str, Any]:
+    """The pairs and rows of a fit, and its `R²` on them and on the held-out ones (see `fit_transform_matrix`)."""
+    return {
+        "num_pairs": counts.fitted,
+        "num_heldout_pairs": counts.heldout,
+        "num_skipped_pairs": counts.skipped,
+        "num_rows": fit.num_rows,
+        "num_heldout_rows": heldout.num_rows,
+        "r2_heldout": heldout.r_squared(transform),
+        "r2_train": fit.r_squared(transform),
+    }
 
 
 def _check_fit_arguments(batch_size: Any, max_pairs: Any, ridge: Any, holdout_fraction: Any) -> None:
