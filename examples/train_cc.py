@@ -295,6 +295,11 @@ def main() -> None:
     print(
         f"{len(train)} training pairs, {len(evaluation)} held-out pairs for the loss, {len(generation)} for generation"
     )
+    if not len(generation):
+        raise SystemExit(
+            "error: no held-out prompt is left to generate from: generation uses the held-out items after the first "
+            f"--eval-items ({args.eval_items}); raise --heldout-items ({args.heldout_items}) above --eval-items."
+        )
 
     output_dir = Path(args.output_dir)
     config = CCSFTConfig(
