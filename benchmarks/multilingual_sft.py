@@ -69,13 +69,13 @@ MODELS: dict[str, ModelPreset] = {
 
 # The sizes, chosen from the pilot (docs/results.md, "Sizing"): items per language (the first ones, in every
 # language), and how many of them are also generated.
-LOGLIK_ITEMS = {"MKQA": 150, "XQuAD": 60, "XLSum": 40, "XNLI": 150, "XStoryCloze": 150, "MMMLU": 100}
-GENERATION_ITEMS = {"MKQA": 40, "XQuAD": 20, "XLSum": 10}
+LOGLIK_ITEMS = {"MKQA": 150, "XQuAD": 30, "XLSum": 10, "XNLI": 150, "XStoryCloze": 150, "MMMLU": 50}
+GENERATION_ITEMS = {"MKQA": 40, "XQuAD": 10, "XLSum": 4}
+STEPS = 60
 # The evaluations that compare a CC adapter with itself (connection off, bilingual) need fewer items: their paired
 # differences vary less (docs/results.md, "Sizing"). They run the first of the items above.
-SECONDARY_LOGLIK_ITEMS = {"MKQA": 100, "XQuAD": 40, "XLSum": 20, "XNLI": 100, "XStoryCloze": 100, "MMMLU": 60}
+SECONDARY_LOGLIK_ITEMS = {"MKQA": 60, "XQuAD": 10, "XLSum": 4, "XNLI": 60, "XStoryCloze": 60, "MMMLU": 20}
 SECONDARY_CONNECTIONS = ("off", "bilingual")
-STEPS = 150
 
 
 def parse_counts(text: str) -> dict[str, int]:
@@ -143,6 +143,9 @@ def parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", parents=[common], help="print the invocations with their expected wall times")
     plan.add_argument("--rates", default=str(PILOT_RATES), help="the pilot's rates (JSON of `sft_plan.rates`)")
     plan.add_argument("--pilot-dir", help="a pilot's model folder: print its sizing and rates instead")
+    plan.add_argument("--earlier-run", action="store_true", help="print the sizing from the earlier run instead")
+    plan.add_argument("--clock", choices=["seconds", "cpu_seconds"], default="seconds", help="the pilot's rates")
+    plan.add_argument("--scale", type=float, default=1.0, help="multiply the pilot's rates by this (e.g. CPU to wall)")
     return main
 
 
@@ -303,9 +306,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "plan":
         import sft_plan
 
-        if args.pilot_dir:
-            print(sft_plan.format_sizing(sft_plan.sizing(Path(args.pilot_dir))))
-            print(json.dumps(sft_plan.rates(Path(args.pilot_dir)), indent=1))
+        languages = args.languages_per_benchmark
+        if args.earlier_run:
+            print(sft_plan.format_sizing(sft_plan.earlier_sizing(languages)))
+        elif args.pilot_dir:
+            print(sft_plan.format_sizing(sft_plan.pilot_sizing(Path(args.pilot_dir), languages)))
+            print(json.dumps(sft_plan.rates(Path(args.pilot_dir), args.clock, args.scale), indent=1))
         else:
             print(sft_plan.plan(args, json.loads(Path(args.rates).read_text())[args.model_key]))
         return

@@ -4,6 +4,7 @@ mixture's format, resumable runs, the invocations, and the report's arithmetic o
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import multilingual_sft as experiment
@@ -395,3 +396,69 @@ def test_the_experiment_runs_end_to_end_and_resumes(smollm2_id, tmp_path, capsys
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
     output = capsys.readouterr().out
     assert output.count("trained already") == 1 and output.count("evaluated already") == 2
+
+
+# ------------------------------------------------------------------------------------------------- sizing
+
+
+def test_sizing_extrapolates_the_pooled_sd_from_the_correlation_between_languages():
+    import sft_plan
+
+    baseline = {(language, index): 0.0 for language in ("de", "zh", "en") for index in range(4)}
+    uncorrelated = {("de", i): d for i, d in enumerate([1, -1, 1, -1])} | {
+        ("zh", i): d for i, d in enumerate([1, -1, -1, 1])
+    }
+    row = sft_plan.pooled_sd(uncorrelated | {("en", i): 5.0 for i in range(4)}, baseline, 4, assumed_correlation=0.9)
+    assert row["measured"] and row["measured_languages"] == 2 and row["items"] == 4
+    assert row["sd_one_language"] == pytest.approx(math.sqrt(4 / 3)) and row["correlation"] == pytest.approx(0.0)
+    assert row["sd"] == pytest.approx(math.sqrt(4 / 3) / 2)  # four independent languages halve it
+    same = {("de", i): d for i, d in enumerate([1, -1, 1, -1])} | {("zh", i): d for i, d in enumerate([1, -1, 1, -1])}
+    assert sft_plan.pooled_sd(same, baseline, 4, 0.0)["correlation"] == pytest.approx(1.0)
+    one = sft_plan.pooled_sd(
+        {("de", i): d for i, d in enumerate([1, -1, 1, -1])}, baseline, 4, assumed_correlation=0.5
+    )
+    assert not one["measured"] and one["sd"] == pytest.approx(math.sqrt(4 / 3) * math.sqrt(2.5 / 4))
+    assert sft_plan.items_needed(0.25, "answer_nll") == 100  # (2 × 0.25 / 0.05)²
+    assert sft_plan.items_needed(30.0, "acc") == 225  # (2 × 30 / 4)²
+
+
+def test_the_plan_multiplies_the_rates_by_the_token_counts_and_sizes(tmp_path, smollm2_tokenizer):
+    import sft_plan
+
+    root = tiny_root(tmp_path)
+    args = experiment.parse_args(
+        ["plan", "--data-root", root, "--systems", "base,lora", "--seeds", "0", "--languages-per-benchmark", "1"]
+        + ["--loglik-items", "MKQA=5,XNLI=4", "--generation-items", "MKQA=2", "--steps", "10"]
+    )
+    rates = {
+        "token": 0.01,
+        "decode": 0.1,
+        "connection": {"none": 1.0, "monolingual": 2.0},
+        "step": {"lora": 3.0},
+        "fixed": {"lora": 20.0},
+        "loading": 10.0,
+    }
+    settings = experiment.evaluation_settings(args)
+    parts = sft_evaluate.evaluation_parts(settings, args.sizes)
+    tokens = [sft_plan.prompt_tokens(smollm2_tokenizer, root, part) for part in parts]
+    # The chat-templated prompt (SmolLM2's system prompt included) and, for MKQA, the answer.
+    messages = [{"role": "user", "content": "de MKQA #2"}]
+    prompt = smollm2_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert 30 < len(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) < tokens[1]
+    expected = 10 + 2 * 2 * (2 * tokens[0] * 0.01 + 40 * 0.1) + 3 * 2 * 2 * tokens[1] * 0.01 + 4 * 2 * tokens[2] * 0.01
+
+    def count(part):
+        return sft_plan.prompt_tokens(smollm2_tokenizer, root, part)
+
+    seconds = sft_plan.evaluation_seconds(settings, args.sizes, None, rates, count)
+    assert seconds == pytest.approx(expected)
+    mono = sft_plan.evaluation_seconds(settings, args.sizes, "monolingual", rates, count)
+    assert mono - 10 == pytest.approx(2 * (expected - 10) - 2 * 2 * 40 * 0.1)  # forwards doubled, decoding not
+    table = sft_plan.plan(args, rates)
+    assert (
+        f"| `python benchmarks/multilingual_sft.py evaluate --model smollm2 --system base` | {expected:.0f} |" in table
+    )
+    assert "| `python benchmarks/multilingual_sft.py train --model smollm2 --system lora --seed 0` | 50 |" in table
+    assert f"| total | {2 * expected + 50:.0f} " in table
+    with pytest.raises(ValueError, match="no training rate for lora"):
+        sft_plan.plan(args, rates | {"step": {}})
