@@ -19,8 +19,9 @@ settings), so an interrupted experiment resumes where it stopped:
 packaged tokenizer has no chat template: it gets Gemma's turn format, :data:`GEMMA_CHAT_TEMPLATE`, in training and
 evaluation alike) or another Hub id or folder (with its tokenizer's chat template). Results go to
 `--output-dir/<model>/`: `adapters/<system>-seed<s>/` (the adapter and `training.json`), `evaluation/<run>.json`
-(every item's metrics) and `report.md` (tables, paired differences with standard errors, curves, the Decision
-Maker's choices, wall times). Evaluation reads `--eval-data-root` (default: `--data-root`), by item index.
+(every item's metrics) and `evaluation/report.md` (tables, paired differences with standard errors, curves, the
+Decision Maker's choices, wall times). Evaluation reads `--eval-data-root` (default: `--data-root`), by item index;
+the same adapters evaluated on another data root go to another `--evaluation-dir`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from sft_runs import SYSTEMS, System, run_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "benchmarks"
-PILOT_RATES = REPO_ROOT / "docs" / "results" / "multilingual_sft_pilot_rates.json"
+PILOT_RATES = REPO_ROOT / "docs" / "results" / "multilingual_sft_rates.json"
 
 
 # Gemma's turn format (`<start_of_turn>user ... <end_of_turn>`, the assistant's role named `model`), which Gemma 3's
@@ -69,12 +70,12 @@ MODELS: dict[str, ModelPreset] = {
 
 # The sizes, chosen from the pilot (docs/results.md, "Sizing"): items per language (the first ones, in every
 # language), and how many of them are also generated.
-LOGLIK_ITEMS = {"MKQA": 150, "XQuAD": 30, "XLSum": 10, "XNLI": 150, "XStoryCloze": 150, "MMMLU": 50}
-GENERATION_ITEMS = {"MKQA": 40, "XQuAD": 10, "XLSum": 4}
+LOGLIK_ITEMS = {"MKQA": 150, "XQuAD": 20, "XLSum": 6, "XNLI": 120, "XStoryCloze": 120, "MMMLU": 40}
+GENERATION_ITEMS = {"MKQA": 40, "XQuAD": 8, "XLSum": 2}
 STEPS = 60
 # The evaluations that compare a CC adapter with itself (connection off, bilingual) need fewer items: their paired
 # differences vary less (docs/results.md, "Sizing"). They run the first of the items above.
-SECONDARY_LOGLIK_ITEMS = {"MKQA": 60, "XQuAD": 10, "XLSum": 4, "XNLI": 60, "XStoryCloze": 60, "MMMLU": 20}
+SECONDARY_LOGLIK_ITEMS = {"MKQA": 50, "XQuAD": 8, "XLSum": 2, "XNLI": 40, "XStoryCloze": 40, "MMMLU": 16}
 SECONDARY_CONNECTIONS = ("off", "bilingual")
 
 
@@ -107,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "multilingual_sft"))
     common.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="training data root")
     common.add_argument("--eval-data-root", help="evaluation data root (default: --data-root)")
+    common.add_argument(
+        "--evaluation-dir",
+        default="evaluation",
+        help="the folder (in the model's) of the evaluation records and the report: another one for another "
+        "--eval-data-root",
+    )
     common.add_argument("--train-benchmarks", default=",".join(TRAIN_BENCHMARKS), help="benchmarks to train on")
     common.add_argument("--steps", type=int, default=STEPS)
     common.add_argument("--batch-size", type=int, default=8)
@@ -141,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("report", parents=[common], help="assemble the report from the finished runs")
     commands.add_parser("all", parents=[common], help="every run of the experiment in turn, then the report")
     plan = commands.add_parser("plan", parents=[common], help="print the invocations with their expected wall times")
-    plan.add_argument("--rates", default=str(PILOT_RATES), help="the pilot's rates (JSON of `sft_plan.rates`)")
+    plan.add_argument("--rates", default=str(PILOT_RATES), help="the rates per model (JSON; see sft_plan.evaluation_seconds)")
     plan.add_argument("--pilot-dir", help="a pilot's model folder: print its sizing and rates instead")
     plan.add_argument("--earlier-run", action="store_true", help="print the sizing from the earlier run instead")
     plan.add_argument("--clock", choices=["seconds", "cpu_seconds"], default="seconds", help="the pilot's rates")
@@ -214,7 +221,7 @@ def adapter_dir(args: argparse.Namespace, system: str, seed: int) -> Path:
 
 
 def evaluation_path(args: argparse.Namespace, system: str, seed: int | None, connection: str | None) -> Path:
-    return model_dir(args) / "evaluation" / f"{run_name(system, seed, connection)}.json"
+    return model_dir(args) / args.evaluation_dir / f"{run_name(system, seed, connection)}.json"
 
 
 def invocations(args: argparse.Namespace) -> Iterator[tuple[str, System, int | None, str | None]]:
@@ -324,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             run(args, *invocation)
     import sft_report
 
-    print(sft_report.write_report(model_dir(args)), flush=True)
+    print(sft_report.write_report(model_dir(args), args.evaluation_dir), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The report of the multilingual SFT experiment, assembled from the finished runs of one model's folder.
 
-It reads `adapters/*/training.json` and `evaluation/*.json` (whatever has finished) and writes `report.md`,
-`report.json` (every table row) and `curves.png` (training loss per run). Systems with several seeds are averaged item
-by item before they are compared; every comparison is paired item by item (:mod:`paired_comparison`), with its
-standard error, and a difference beyond twice its standard error is in bold.
+It reads `adapters/*/training.json` and `evaluation/*.json` (whatever has finished) and writes, beside the latter,
+`report.md`, `report.json` (every table row) and `curves.png` (training loss per run). Systems with several seeds are
+averaged item by item before they are compared; every comparison is paired item by item (:mod:`paired_comparison`),
+with its standard error, and a difference beyond twice its standard error is in bold.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ class Variant:
         return group, list(SYSTEMS).index(self.system) if self.system in SYSTEMS else len(SYSTEMS)
 
 
-def load_evaluations(folder: Path) -> dict[Variant, dict[int | None, dict]]:
-    """`{variant: {seed: evaluation record}}` of the finished evaluations under `folder/evaluation`."""
+def load_evaluations(folder: Path, evaluation_dir: str = "evaluation") -> dict[Variant, dict[int | None, dict]]:
+    """`{variant: {seed: evaluation record}}` of the finished evaluations under `folder/evaluation_dir`."""
     variants: dict[Variant, dict[int | None, dict]] = {}
-    for path in sorted((folder / "evaluation").glob("*.json")):
+    for path in sorted((folder / evaluation_dir).glob("*.json")):
+        if path.name == "report.json":
+            continue
         match = RUN_NAME.match(path.stem)
         seed = int(match["seed"]) if match["seed"] is not None else None
         variant = Variant(match["system"], match["connection"])
@@ -248,9 +250,11 @@ def plot_curves(trainings: dict[str, dict], path: Path) -> bool:
     return True
 
 
-def write_report(folder: Path) -> str:
-    """Write `report.md`, `report.json` and `curves.png` into `folder` from its finished runs; returns the Markdown."""
-    variants = load_evaluations(folder)
+def write_report(folder: Path, evaluation_dir: str = "evaluation") -> str:
+    """Write `report.md`, `report.json` and `curves.png` into `folder/evaluation_dir` from the finished runs of the
+    model folder `folder`; returns the Markdown."""
+    variants = load_evaluations(folder, evaluation_dir)
+    output = folder / evaluation_dir
     trainings = load_trainings(folder)
     loglik = {benchmark: (metric,) for benchmark, metric in LOGLIK_METRIC.items()}
     generation = {benchmark: metrics for benchmark, metrics in GENERATION_METRICS.items()}
@@ -262,9 +266,9 @@ def write_report(folder: Path) -> str:
         "generation_levels": level_rows(variants, generation),
         "generation_differences": paired_rows(variants, generation),
     }
-    curves = plot_curves(trainings, folder / "curves.png")
+    curves = plot_curves(trainings, output / "curves.png")
     sections = [
-        f"# Multilingual SFT: {folder.name}\n",
+        f"# Multilingual SFT: {folder.name} ({evaluation_dir})\n",
         "Non-English items, seeds averaged item by item; mean ± standard error (an item index, in all its languages, "
         "is one unit). Gold NLL in nats per answer token (lower is better), accuracies in %.\n",
         "## Log-likelihood metrics, non-English\n",
@@ -284,6 +288,6 @@ def write_report(folder: Path) -> str:
         wall_times(trainings, variants),
     ]
     text = "\n".join(section for section in sections if section)
-    (folder / "report.md").write_text(text)
-    (folder / "report.json").write_text(json.dumps(tables, indent=1, ensure_ascii=False) + "\n")
+    (output / "report.md").write_text(text)
+    (output / "report.json").write_text(json.dumps(tables, indent=1, ensure_ascii=False) + "\n")
     return text
