@@ -148,7 +148,9 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("report", parents=[common], help="assemble the report from the finished runs")
     commands.add_parser("all", parents=[common], help="every run of the experiment in turn, then the report")
     plan = commands.add_parser("plan", parents=[common], help="print the invocations with their expected wall times")
-    plan.add_argument("--rates", default=str(PILOT_RATES), help="the rates per model (JSON; see sft_plan.evaluation_seconds)")
+    plan.add_argument(
+        "--rates", default=str(PILOT_RATES), help="the rates per model (JSON; see sft_plan.evaluation_seconds)"
+    )
     plan.add_argument("--pilot-dir", help="a pilot's model folder: print its sizing and rates instead")
     plan.add_argument("--earlier-run", action="store_true", help="print the sizing from the earlier run instead")
     plan.add_argument("--clock", choices=["seconds", "cpu_seconds"], default="seconds", help="the pilot's rates")
@@ -320,7 +322,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(sft_plan.format_sizing(sft_plan.pilot_sizing(Path(args.pilot_dir), languages)))
             print(json.dumps(sft_plan.rates(Path(args.pilot_dir), args.clock, args.scale), indent=1))
         else:
-            print(sft_plan.plan(args, json.loads(Path(args.rates).read_text())[args.model_key]))
+            rates = json.loads(Path(args.rates).read_text())
+            if args.model_key not in rates:
+                raise SystemExit(
+                    f"{args.rates} has no rates for {args.model_key} (it has {sorted(rates)}): give --rates."
+                )
+            print(sft_plan.plan(args, rates[args.model_key]))
         return
     if args.command in ("train", "evaluate"):
         run(args, args.command, SYSTEMS[args.system], args.seed, getattr(args, "connection", None))

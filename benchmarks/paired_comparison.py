@@ -222,9 +222,10 @@ def parse_system(text: str) -> tuple[str, SystemScores]:
     source, _, pattern = location.partition(":")
     path = Path(source)
     if path.is_dir():
-        available = {record.stem: record for record in sorted(path.glob("*.json"))}
+        records = {record.stem: json.loads(record.read_text()) for record in sorted(path.glob("*.json"))}
+        available = {name: record for name, record in records.items() if "items" in record}  # not the report
         chosen = [key for key in available if _matches(key, pattern)]
-        seeds = [scores_of_record(json.loads(available[key].read_text())) for key in chosen]
+        seeds = [scores_of_record(available[key]) for key in chosen]
     elif path.is_file():
         report = json.loads(path.read_text())
         if not isinstance(report, dict) or "systems" not in report:

@@ -336,7 +336,7 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
         (folder / "adapters" / name / sft_train.RECORD).write_text(json.dumps(training))
 
     text = sft_report.write_report(folder)
-    tables = json.loads((folder / "report.json").read_text())
+    tables = json.loads((folder / "evaluation" / "report.json").read_text())
     differences = {(r["system"], r["baseline"], r["benchmark"]): r for r in tables["differences"]}
     lora = differences["lora", "base", "MKQA"]
     assert lora["difference"] == pytest.approx(-1.0) and lora["standard_error"] == pytest.approx(0.0)
@@ -355,7 +355,7 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     assert english["lora", "MKQA"]["mean"] == 0.0
     assert "| lora | base | 2 | **−1.000 ± 0.000** | +25.000 ± 75.000 |" in text
     assert "layer 3 (60% of rows), entropy 1.20 nats; Transform Matrix held-out R² 0.900" in text
-    assert "| **total** | **" in text and (folder / "report.md").read_text() == text
+    assert "| **total** | **" in text and (folder / "evaluation" / "report.md").read_text() == text
 
 
 # ------------------------------------------------------------------------------------------------- end to end
@@ -372,7 +372,7 @@ def test_the_experiment_runs_end_to_end_and_resumes(smollm2_id, tmp_path, capsys
 
     folder = tmp_path / "smollm2"
     names = sorted(path.stem for path in (folder / "evaluation").glob("*.json"))
-    assert names == ["cc-gated-seed0-monolingual", "cc-gated-seed0-off"]
+    assert names == ["cc-gated-seed0-monolingual", "cc-gated-seed0-off", "report"]
     record = json.loads((folder / "evaluation" / "cc-gated-seed0-monolingual.json").read_text())
     assert record["settings"]["connection"] == "monolingual"
     assert {benchmark: sorted(languages) for benchmark, languages in record["items"].items()} == {
@@ -387,7 +387,7 @@ def test_the_experiment_runs_end_to_end_and_resumes(smollm2_id, tmp_path, capsys
     training = json.loads((folder / "adapters" / "cc-gated-seed0" / sft_train.RECORD).read_text())
     assert [entry["step"] for entry in training["log_history"] if "loss" in entry] == [1, 2]
     assert training["mixture"] == {"MKQA": training["mixture"]["MKQA"], "XNLI": training["mixture"]["XNLI"]}
-    report = (folder / "report.md").read_text()
+    report = (folder / "evaluation" / "report.md").read_text()
     assert "| cc-gated | cc-gated (off) | 1 |" in report
 
     finished = {path: path.stat().st_mtime_ns for path in folder.rglob("*.json") if not path.name.startswith("report")}

@@ -88,6 +88,8 @@ def test_a_folder_of_evaluation_records_is_read_by_name_pattern(tmp_path):
         "lora-seed0": [0, 1, 0],
     }.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(record(values)))
+    (tmp_path / "report.json").write_text(json.dumps({"levels": []}))  # the experiment's report: not a record
+    assert len(paired.parse_system(f"all={tmp_path}")[1]["XNLI", "acc"]) == 3
     name, scores = paired.parse_system(f"cc={tmp_path}:cc-seed?-monolingual")
     assert name == "cc" and scores["XNLI", "acc"] == {("ar", 0): 1.0, ("ar", 1): 0.5, ("ar", 2): 0.0}
     rows = paired.compare(paired.parse_system(f"lora={tmp_path}:lora-"), [(name, scores)])
