@@ -1,255 +1,345 @@
-"""CC-Tuning vs vanilla multilingual LoRA SFT on a real model, evaluated on the paper's benchmarks.
+"""Does CC-Tuning help? CC-Tuning against vanilla multilingual LoRA SFT on a real model, with the power to tell.
 
-Systems, all trained on the same pairs, steps, LoRA settings and seeds:
+Systems (:data:`sft_runs.SYSTEMS`), all trained on the same pairs, steps, LoRA settings and seeds: `base` (the model
+zero-shot), `lora` (vanilla LoRA SFT), `cc-paper` (CC-Tuning, the paper's settings), `cc-gated`
+(`decision_maker="variance_reinforce_gated"`) and `cc-gated-noen` (the same with `english_gradients=False`). Every CC
+adapter is evaluated with the monolingual connection and with the connection off, and for the seeds of
+`--bilingual-seeds` with the bilingual one (the real English prompt: an upper bound).
 
-- `base`: the model zero-shot;
-- `lora-seed<s>`: vanilla multilingual LoRA SFT (TRL's `SFTTrainer`, no connection);
-- `cc-mono-seed<s>`: CC-Tuning (`CCSFTTrainer`), evaluated with the monolingual connection (Transform Matrix);
-- `cc-bi-seed<s>`: the same adapter with the bilingual connection (the real English prompt; an upper bound), for
-  the seeds of `--bilingual-seeds`.
+Each invocation does one thing and writes its result, and is skipped when that result is there already (with the same
+settings), so an interrupted experiment resumes where it stopped:
 
-`--systems` picks which of `base`, `lora` and `cc` to run; `--cc-options` passes CCConfig options to the CC system
-and `--cc-name` renames it (e.g. `--cc-name cc-rec --cc-options '{"decision_maker": "variance_reinforce_gated"}'`).
+    python benchmarks/multilingual_sft.py train    --model smollm2 --system cc-gated --seed 0
+    python benchmarks/multilingual_sft.py evaluate --model smollm2 --system cc-gated --seed 0 --connection off
+    python benchmarks/multilingual_sft.py report   --model smollm2
+    python benchmarks/multilingual_sft.py all      --model smollm2     # every run above in turn, then the report
+    python benchmarks/multilingual_sft.py plan     --model smollm2     # the invocations and their expected times
 
-Training pairs come from the benchmark files, item indices `>= --split` in every language; evaluation uses item
-indices `< --split` (the first `--eval-items` of them), so no evaluated item, in any language, is trained on. Every
-adapter and every result is saved under `--output-dir`; the adapters can be evaluated on another data root later
-with `python -m peft_cc.evaluation --adapter ...`.
-
-    python benchmarks/multilingual_sft.py                                   # SmolLM2-135M-Instruct, about an hour
-    python benchmarks/multilingual_sft.py --steps 2 --eval-items 1 --seeds 0 --output-dir /tmp/smoke   # smoke test
-    python benchmarks/multilingual_sft.py --systems cc --cc-name cc-rec --cc-options \
-        '{"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"start_fraction": 0.5}}'
+`--model` is `smollm2` (HuggingFaceTB/SmolLM2-135M-Instruct), `gemma3` (google/gemma-3-270m, a base model whose
+packaged tokenizer has no chat template: it gets Gemma's turn format, :data:`GEMMA_CHAT_TEMPLATE`, in training and
+evaluation alike) or another Hub id or folder (with its tokenizer's chat template). Results go to
+`--output-dir/<model>/`: `adapters/<system>-seed<s>/` (the adapter and `training.json`), `evaluation/<run>.json`
+(every item's metrics) and `evaluation/report.md` (tables, paired differences with standard errors, curves, the
+Decision Maker's choices, wall times). Evaluation reads `--eval-data-root` (default: `--data-root`), by item index;
+the same adapters evaluated on another data root go to another `--evaluation-dir`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
-import time
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
-
-from peft_cc import CCConfig, CCSFTConfig, CCSFTTrainer
-from peft_cc.evaluation import evaluate, load_system, write_report
-from peft_cc.parallel_data import available_languages, load_parallel_items
+from sft_mixture import TRAIN_BENCHMARKS, EvaluationSizes
+from sft_runs import SYSTEMS, System, run_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_BENCHMARKS = "MKQA,XQuAD,XNLI,XStoryCloze,MMMLU"
-EVAL_BENCHMARKS = "MKQA,XQuAD,XNLI"
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "benchmarks"
+PILOT_RATES = REPO_ROOT / "docs" / "results" / "multilingual_sft_rates.json"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="Hub id or local folder")
-    parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data" / "benchmarks"))
-    parser.add_argument("--train-benchmarks", default=TRAIN_BENCHMARKS)
-    parser.add_argument("--eval-benchmarks", default=EVAL_BENCHMARKS)
-    parser.add_argument("--eval-languages", default="en,de,zh", help="languages to evaluate (where present)")
-    parser.add_argument("--split", type=int, default=100, help="items below this index are never trained on")
-    parser.add_argument("--eval-items", type=int, default=16, help="held-out items per language to evaluate")
-    parser.add_argument(
-        "--train-pairs", type=int, default=None, help="pairs sampled from all languages (default: steps × batch size)"
-    )
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=160, help="longer training pairs are left out")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument(
-        "--bilingual-seeds", default="0", help="seeds whose CC adapter is also evaluated with the bilingual connection"
-    )
-    parser.add_argument("--transform-pairs", type=int, default=200)
-    parser.add_argument("--systems", default="base,lora,cc", help="which of base, lora, cc to run")
-    parser.add_argument("--cc-options", type=json.loads, default={}, help="CCConfig options of the CC system (JSON)")
-    parser.add_argument(
-        "--cc-trainer-options", type=json.loads, default={}, help="CCSFTConfig options of the CC system (JSON)"
-    )
-    parser.add_argument("--cc-name", default="cc", help="name of the CC system in the results")
-    parser.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "multilingual_sft"))
-    args = parser.parse_args()
-    unknown = set(_names(args.systems)) - {"base", "lora", "cc"}
-    if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}: choose from base, lora, cc")
-    for name in ("cc_options", "cc_trainer_options"):
-        if not isinstance(getattr(args, name), dict):
-            parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
-    return args
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def training_pairs(args: argparse.Namespace, tokenizer) -> Dataset:
-    """Conversational prompt-completion rows with the English prompt, from item indices >= split, seeded sample.
-
-    Pairs whose prompt and answer, or whose English prompt, exceed `--max-length` tokens are left out rather than
-    truncated (a truncated pair loses its answer and its anchor).
-    """
-
-    def fits(*texts: str) -> bool:
-        return len(tokenizer(" ".join(texts))["input_ids"]) + 16 <= args.max_length  # 16: the chat template
-
-    rows = []
-    for benchmark in _names(args.train_benchmarks):
-        for language in available_languages(args.data_root, benchmark):
-            for item in load_parallel_items(args.data_root, benchmark, language)[args.split :]:
-                if not (fits(item.prompt, item.first_answer) and fits(item.english_prompt)):
-                    continue
-                rows.append(
-                    {
-                        "prompt": [{"role": "user", "content": item.prompt}],
-                        "completion": [{"role": "assistant", "content": item.first_answer}],
-                        "prompt_en": [{"role": "user", "content": item.english_prompt}],
-                    }
-                )
-    random.Random(0).shuffle(rows)
-    return Dataset.from_list(rows[: args.train_pairs or args.steps * args.batch_size])
-
-
-def train(kind: str, seed: int, dataset: Dataset, args: argparse.Namespace) -> Path:
-    """Train one adapter (`kind` is "lora" or "cc") and save it; returns its folder."""
-    output = Path(args.output_dir) / "adapters" / f"{args.cc_name if kind == 'cc' else kind}-seed{seed}"
-    common = dict(
-        output_dir=str(output),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.steps // 10),
-        max_length=args.max_length,
-        seed=seed,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # float32 on the CPU
-    )
-    lora = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.05)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if kind == "cc":
-        trainer = CCSFTTrainer(
-            model=model,
-            args=CCSFTConfig(**common, transform_pairs=args.transform_pairs, **args.cc_trainer_options),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=CCConfig(**lora, **args.cc_options),
-        )
-    else:
-        trainer = SFTTrainer(
-            model=model,
-            args=SFTConfig(**common),
-            train_dataset=dataset.remove_columns("prompt_en"),
-            processing_class=tokenizer,
-            peft_config=LoraConfig(task_type="CAUSAL_LM", **lora),
-        )
-    trainer.train()
-    trainer.save_model()
-    (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    if getattr(trainer, "decision_maker_prior", None) is not None:  # decision_maker="variance_reinforce_gated"
-        (output / "decision_maker_prior.json").write_text(json.dumps(trainer.decision_maker_prior.tolist()))
-    gate = trainer.cc_model.decision_maker().gate if kind == "cc" else None
-    if gate is not None:  # the gated strategy: how much of each candidate layer training chose to inject
-        (output / "injection_gate.json").write_text(json.dumps(gate.tolist()))
-    return output
-
-
-SUMMARY_SCORES = (
-    ("MKQA", "accuracy", "MKQA acc %"),
-    ("MKQA", "answer_nll", "MKQA gold NLL"),
-    ("XQuAD", "contains", "XQuAD contains %"),
-    ("XQuAD", "answer_nll", "XQuAD gold NLL"),
-    ("XNLI", "accuracy", "XNLI acc %"),
-    ("XNLI", "accuracy_loglik", "XNLI acc log-lik. %"),
+# Gemma's turn format (`<start_of_turn>user ... <end_of_turn>`, the assistant's role named `model`), which Gemma 3's
+# vocabulary has tokens for; the base model's packaged tokenizer has no chat template.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 
-def seed_summary(results: dict[str, dict]) -> str:
-    """A Markdown table per system (seeds pooled): the non-English average of each score, mean ± half range."""
-    systems: dict[str, list[dict]] = {}
-    for name, result in results.items():
-        systems.setdefault(name.split("-seed")[0], []).append(result)
-    header = ["system", "seeds"] + [label for _, _, label in SUMMARY_SCORES]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for system, runs in systems.items():
-        cells = [system, str(len(runs))]
-        for benchmark, metric, _ in SUMMARY_SCORES:
-            values = [
-                run["benchmarks"][benchmark]["average_non_english"][metric]
-                for run in runs
-                if benchmark in run["benchmarks"]
-                and metric in (run["benchmarks"][benchmark]["average_non_english"] or {})
-            ]
-            scale, digits = (1, 2) if metric == "answer_nll" else (100, 1)
-            if not values:
-                cells.append("–")
-            elif len(values) == 1:
-                cells.append(f"{scale * values[0]:.{digits}f}")
-            else:
-                middle, half = (max(values) + min(values)) / 2, (max(values) - min(values)) / 2
-                cells.append(f"{scale * middle:.{digits}f} ± {scale * half:.{digits}f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+@dataclass(frozen=True)
+class ModelPreset:
+    """A packaged model (examples/install_packaged_models.py), its evaluation batch size, and the chat template to
+    give its tokenizer (`None`: its own)."""
+
+    hub_id: str
+    eval_batch_size: int
+    chat_template: str | None = None
 
 
-def main() -> None:
-    args = parse_args()
-    start = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dataset = training_pairs(args, AutoTokenizer.from_pretrained(args.model))
-    print(f"{len(dataset)} training pairs (item indices >= {args.split}, at most {args.max_length} tokens)")
-    evaluation = dict(
-        data_root=args.data_root,
-        benchmarks=_names(args.eval_benchmarks),
-        languages=_names(args.eval_languages),
-        offset=0,
-        limit=min(args.eval_items, args.split),
+MODELS: dict[str, ModelPreset] = {
+    "smollm2": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", eval_batch_size=8),
+    # 262k vocabulary: large logits, smaller batches.
+    "gemma3": ModelPreset("google/gemma-3-270m", eval_batch_size=4, chat_template=GEMMA_CHAT_TEMPLATE),
+}
+
+# The sizes, chosen from the pilot (docs/results.md, "Sizing"): items per language (the first ones, in every
+# language), and how many of them are also generated.
+LOGLIK_ITEMS = {"MKQA": 150, "XQuAD": 20, "XLSum": 6, "XNLI": 120, "XStoryCloze": 120, "MMMLU": 40}
+GENERATION_ITEMS = {"MKQA": 40, "XQuAD": 8, "XLSum": 2}
+STEPS = 60
+# The evaluations that compare a CC adapter with itself (connection off, bilingual) need fewer items: their paired
+# differences vary less (docs/results.md, "Sizing"). They run the first of the items above.
+SECONDARY_LOGLIK_ITEMS = {"MKQA": 50, "XQuAD": 8, "XLSum": 2, "XNLI": 40, "XStoryCloze": 40, "MMMLU": 16}
+SECONDARY_CONNECTIONS = ("off", "bilingual")
+
+
+def parse_counts(text: str) -> dict[str, int]:
+    """`"MKQA=150,XNLI=100"` -> `{"MKQA": 150, "XNLI": 100}`."""
+    counts = {}
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        name, separator, value = part.partition("=")
+        if not separator or not re.fullmatch(r"\d+", value.strip()):
+            raise argparse.ArgumentTypeError(f"Expected BENCHMARK=COUNT[,...], got {part!r}.")
+        counts[name.strip()] = int(value)
+    return counts
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ",".join(f"{name}={count}" for name, count in counts.items())
+
+
+def parse_ints(text: str) -> list[int]:
+    """`"0,1"` -> `[0, 1]`; `""` -> `[]`."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected comma-separated integers, got {text!r}.") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="smollm2", help=f"{' or '.join(MODELS)}, or a Hub id or folder")
+    common.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "multilingual_sft"))
+    common.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="training data root")
+    common.add_argument("--eval-data-root", help="evaluation data root (default: --data-root)")
+    common.add_argument(
+        "--evaluation-dir",
+        default="evaluation",
+        help="the folder (in the model's) of the evaluation records and the report: another one for another "
+        "--eval-data-root",
+    )
+    common.add_argument("--train-benchmarks", default=",".join(TRAIN_BENCHMARKS), help="benchmarks to train on")
+    common.add_argument("--steps", type=int, default=STEPS)
+    common.add_argument("--batch-size", type=int, default=8)
+    common.add_argument("--learning-rate", type=float, default=5e-4)
+    common.add_argument("--lora-r", type=int, default=16)
+    common.add_argument("--max-length", type=int, default=256, help="longer training pairs are left out")
+    common.add_argument("--transform-pairs", type=int, default=200)
+    common.add_argument("--logging-steps", type=int, default=5)
+    common.add_argument("--languages-per-benchmark", type=int, default=4, help="non-English languages, besides en")
+    common.add_argument("--loglik-items", type=parse_counts, default=LOGLIK_ITEMS, help="BENCHMARK=N,...")
+    common.add_argument("--generation-items", type=parse_counts, default=GENERATION_ITEMS, help="BENCHMARK=N,...")
+    common.add_argument(
+        "--secondary-loglik-items",
+        type=parse_counts,
+        default=SECONDARY_LOGLIK_ITEMS,
+        help="BENCHMARK=N,...: log-likelihood items of the connection=off and bilingual evaluations",
+    )
+    common.add_argument("--eval-batch-size", type=int, help="lm-eval's batch size (default: the model's preset)")
+    common.add_argument("--seeds", type=parse_ints, default=[0, 1])
+    common.add_argument("--bilingual-seeds", type=parse_ints, default=[0], help="seeds also run bilingually")
+    common.add_argument("--systems", default=",".join(SYSTEMS), help="the systems of `all` and `plan`")
+
+    main = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = main.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", parents=[common], help="train one system with one seed")
+    train.add_argument("--system", required=True, choices=[name for name, s in SYSTEMS.items() if s.trained])
+    train.add_argument("--seed", type=int, required=True)
+    evaluate = commands.add_parser("evaluate", parents=[common], help="evaluate one system, seed and connection")
+    evaluate.add_argument("--system", required=True, choices=list(SYSTEMS))
+    evaluate.add_argument("--seed", type=int, help="required for a trained system")
+    evaluate.add_argument("--connection", choices=["monolingual", "bilingual", "off"], help="CC systems only")
+    commands.add_parser("report", parents=[common], help="assemble the report from the finished runs")
+    commands.add_parser("all", parents=[common], help="every run of the experiment in turn, then the report")
+    plan = commands.add_parser("plan", parents=[common], help="print the invocations with their expected wall times")
+    plan.add_argument(
+        "--rates", default=str(PILOT_RATES), help="the rates per model (JSON; see sft_plan.evaluation_seconds)"
+    )
+    plan.add_argument("--pilot-dir", help="a pilot's model folder: print its sizing and rates instead")
+    plan.add_argument("--earlier-run", action="store_true", help="print the sizing from the earlier run instead")
+    plan.add_argument("--clock", choices=["seconds", "cpu_seconds"], default="seconds", help="the pilot's rates")
+    plan.add_argument("--scale", type=float, default=1.0, help="multiply the pilot's rates by this (e.g. CPU to wall)")
+    return main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    main = parser()
+    args = main.parse_args(argv)
+    args.model_key, args.model_id, preset_batch = _model(args.model)
+    args.eval_batch_size = args.eval_batch_size or preset_batch
+    args.eval_data_root = args.eval_data_root or args.data_root
+    args.system_names = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = set(args.system_names) - set(SYSTEMS)
+    if unknown:
+        main.error(f"unknown systems {sorted(unknown)}: choose from {', '.join(SYSTEMS)}")
+    try:
+        args.sizes = EvaluationSizes(args.loglik_items, args.generation_items)
+        secondary = {
+            name: min(count, args.secondary_loglik_items.get(name, count)) for name, count in args.loglik_items.items()
+        }
+        args.secondary_sizes = EvaluationSizes(secondary, args.generation_items)
+    except ValueError as error:
+        main.error(str(error))
+    if args.command == "evaluate":
+        system = SYSTEMS[args.system]
+        if system.trained != (args.seed is not None):
+            main.error(f"--seed is {'required' if system.trained else 'not used'} for the system {system.name}")
+        if (args.connection is not None) != (system.kind == "cc"):
+            main.error(f"--connection is {'required' if system.kind == 'cc' else 'not used'} for {system.name}")
+    return args
+
+
+def _model(name: str) -> tuple[str, str, int]:
+    """`(folder name, Hub id or folder, evaluation batch size)` of `--model`."""
+    if name in MODELS:
+        return name, MODELS[name].hub_id, MODELS[name].eval_batch_size
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/")).strip("_"), name, 8
+
+
+def tokenizer_path(args: argparse.Namespace) -> str | None:
+    """The tokenizer folder with the preset's chat template (written once under the model's folder), or `None` for
+    the model's own tokenizer."""
+    preset = MODELS.get(args.model)
+    if preset is None or preset.chat_template is None:
+        return None
+    folder = model_dir(args) / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model_id)
+        tokenizer.chat_template = preset.chat_template
+        tokenizer.eos_token = "<end_of_turn>"  # where a turn, and so a generated answer, ends
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def sizes_for(args: argparse.Namespace, connection: str | None) -> EvaluationSizes:
+    """The evaluated items of an evaluation with `connection`: fewer for those of :data:`SECONDARY_CONNECTIONS`."""
+    return args.secondary_sizes if connection in SECONDARY_CONNECTIONS else args.sizes
+
+
+def model_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir) / args.model_key
+
+
+def adapter_dir(args: argparse.Namespace, system: str, seed: int) -> Path:
+    return model_dir(args) / "adapters" / run_name(system, seed)
+
+
+def evaluation_path(args: argparse.Namespace, system: str, seed: int | None, connection: str | None) -> Path:
+    return model_dir(args) / args.evaluation_dir / f"{run_name(system, seed, connection)}.json"
+
+
+def invocations(args: argparse.Namespace) -> Iterator[tuple[str, System, int | None, str | None]]:
+    """`(command, system, seed, connection)` of every run of the experiment, in the order `all` runs them: the base
+    model, then each seed's systems, each trained and then evaluated with its connections."""
+    systems = [SYSTEMS[name] for name in args.system_names]
+    if SYSTEMS["base"] in systems:
+        yield "evaluate", SYSTEMS["base"], None, None
+    for seed in args.seeds:
+        for system in (system for system in systems if system.trained):
+            yield "train", system, seed, None
+            connections = list(system.connections)
+            if system.kind == "cc" and seed in args.bilingual_seeds:
+                connections.append("bilingual")
+            for connection in connections:
+                yield "evaluate", system, seed, connection
+
+
+def command_line(args: argparse.Namespace, command: str, system: System, seed: int | None, connection: str | None):
+    """The command that runs one invocation with the settings of `args`."""
+    parts = ["python benchmarks/multilingual_sft.py", command, f"--model {args.model}", f"--system {system.name}"]
+    if seed is not None:
+        parts.append(f"--seed {seed}")
+    if connection is not None:
+        parts.append(f"--connection {connection}")
+    return " ".join(parts)
+
+
+def training_settings(args: argparse.Namespace):
+    from sft_train import TrainingSettings
+
+    return TrainingSettings(
+        model=args.model_id,
+        tokenizer=tokenizer_path(args),
+        data_root=str(args.data_root),
+        benchmarks=tuple(name.strip() for name in args.train_benchmarks.split(",") if name.strip()),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lora_r=args.lora_r,
+        max_length=args.max_length,
+        transform_pairs=args.transform_pairs,
+        logging_steps=args.logging_steps,
     )
 
-    results: dict[str, dict] = {}
-    timings: dict[str, float] = {}
 
-    def run(name: str, adapter: Path | None, connection: str | None) -> None:
-        began = time.perf_counter()
-        model, tokenizer, loading = load_system(args.model, str(adapter) if adapter else None)
-        results[name] = evaluate(model, tokenizer, settings=loading, connection=connection, **evaluation)
-        timings[f"evaluate {name}"] = time.perf_counter() - began
-        write_report(results, output_dir / "results.json")
+def evaluation_settings(args: argparse.Namespace):
+    from sft_evaluate import EvaluationSettings
 
-    bilingual_seeds = {int(seed) for seed in _names(args.bilingual_seeds)}
-    systems = _names(args.systems)
-    if "base" in systems:
-        run("base", None, None)
-    for seed in (int(seed) for seed in _names(args.seeds)):
-        for kind in [kind for kind in ("lora", "cc") if kind in systems]:
-            began = time.perf_counter()
-            adapter = train(kind, seed, dataset, args)
-            timings[f"train {adapter.name}"] = time.perf_counter() - began
-            if kind == "lora":
-                run(f"lora-seed{seed}", adapter, None)
-            else:
-                run(f"{args.cc_name}-mono-seed{seed}", adapter, "monolingual")
-                if seed in bilingual_seeds:
-                    run(f"{args.cc_name}-bi-seed{seed}", adapter, "bilingual")
-    timings["total"] = time.perf_counter() - start
-    settings = {key: value for key, value in vars(args).items()}
-    (output_dir / "experiment.json").write_text(json.dumps({"settings": settings, "seconds": timings}, indent=2))
-    print(json.dumps({"seconds": {key: round(value, 1) for key, value in timings.items()}}, indent=2))
-    summary = seed_summary(results)
-    (output_dir / "summary.md").write_text(summary)
-    print((output_dir / "results.md").read_text())
-    print(summary)
+    return EvaluationSettings(
+        model=args.model_id,
+        tokenizer=tokenizer_path(args),
+        data_root=str(args.eval_data_root),
+        languages_per_benchmark=args.languages_per_benchmark,
+        batch_size=args.eval_batch_size,
+    )
+
+
+def run(args: argparse.Namespace, command: str, system: System, seed: int | None, connection: str | None) -> None:
+    """Run one invocation (skipped when its result is there with the same settings)."""
+    import sft_evaluate
+    import sft_train
+
+    if command == "train":
+        sft_train.train(system, seed, training_settings(args), args.sizes, adapter_dir(args, system.name, seed))
+        return
+    held_out, adapter = None, None
+    if system.trained:
+        adapter = adapter_dir(args, system.name, seed)
+        record = adapter / sft_train.RECORD
+        if not record.is_file():
+            raise SystemExit(
+                f"{run_name(system.name, seed)} is not trained yet ({record} is missing): run "
+                f"`{command_line(args, 'train', system, seed, None)}` first."
+            )
+        held_out = json.loads(record.read_text())["settings"]["held_out"]
+    sft_evaluate.evaluate(
+        adapter,
+        connection,
+        evaluation_settings(args),
+        sizes_for(args, connection),
+        evaluation_path(args, system.name, seed, connection),
+        held_out=held_out,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "plan":
+        import sft_plan
+
+        languages = args.languages_per_benchmark
+        if args.earlier_run:
+            print(sft_plan.format_sizing(sft_plan.earlier_sizing(languages)))
+        elif args.pilot_dir:
+            print(sft_plan.format_sizing(sft_plan.pilot_sizing(Path(args.pilot_dir), languages)))
+            print(json.dumps(sft_plan.rates(Path(args.pilot_dir), args.clock, args.scale), indent=1))
+        else:
+            rates = json.loads(Path(args.rates).read_text())
+            if args.model_key not in rates:
+                raise SystemExit(
+                    f"{args.rates} has no rates for {args.model_key} (it has {sorted(rates)}): give --rates."
+                )
+            print(sft_plan.plan(args, rates[args.model_key]))
+        return
+    if args.command in ("train", "evaluate"):
+        run(args, args.command, SYSTEMS[args.system], args.seed, getattr(args, "connection", None))
+        return
+    if args.command == "all":
+        for invocation in invocations(args):
+            print(f"== {command_line(args, *invocation)}", flush=True)
+            run(args, *invocation)
+    import sft_report
+
+    print(sft_report.write_report(model_dir(args), args.evaluation_dir), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
