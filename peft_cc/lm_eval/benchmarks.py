@@ -8,7 +8,7 @@ the functions of this module. The data root (layout: :mod:`peft_cc.parallel_data
 - XNLI, XStoryCloze, MMMLU: multiple choice over the option labels (`1`..`3`, `1`..`2`, `A`..`D`), scored by
   lm-eval's `acc` (the label with the highest log-likelihood after the prompt).
 - XQuAD, MKQA, XLSum: greedy generation, scored here (lm-eval has no multilingual token F1, answer containment or
-  ROUGE-L with one token per character of Chinese, Japanese and Thai; see :mod:`peft_cc.evaluation.metrics`), plus
+  ROUGE-L with one token per character of Chinese, Japanese and Thai; see :mod:`peft_cc.lm_eval.metrics`), plus
   `answer_nll`: the negative log-likelihood of the (first) gold answer after the prompt, in nats per answer, lower is
   better. It does not depend on decoding, so it moves long before a small model's generated answers do.
 """
@@ -21,8 +21,8 @@ import datasets
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
-from ..evaluation.metrics import contains_answer, exact_match, rouge_l_f1, token_f1
 from ..parallel_data import load_parallel_items
+from .metrics import contains_answer, exact_match, rouge_l_f1, token_f1
 
 DATA_ROOT_VARIABLE = "PEFT_CC_DATA_ROOT"
 
