@@ -53,7 +53,8 @@ def check_data_root(data_root: str | os.PathLike) -> None:
             f"The benchmark data root {data_root} is not a folder. It should hold the multilingual benchmark samples "
             "in the layout <root>/<Benchmark>/prompts/<lang>.jsonl and answers/<lang>.jsonl (English prompts in "
             "prompts/en.jsonl, line by line parallel); a clone of peft-cc expects them in ../shared/data/benchmarks. "
-            "Point to your copy with --data-root (or $PEFT_CC_BENCHMARKS for the evaluator), or train on your own "
+            "Point to your copy with --data-root (for the lm-eval tasks: --metadata '{\"data_root\": ...}' or "
+            "$PEFT_CC_DATA_ROOT), or train on your own "
             "parallel data instead (--dataset with examples/train_cc.py, --dataset_name with `peft-cc sft`)."
         )
 

@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from peft_cc.lm_eval import TASKS_DIR  # noqa: E402
 from peft_cc.lm_eval.__main__ import with_task_path  # noqa: E402
-from peft_cc.lm_eval.model import CCLM, english_context  # noqa: E402
+from peft_cc.lm_eval.model import CCLM, context_end_in_continuation, english_context  # noqa: E402
 
 DOCS = [
     {"prompt": "Ist der Himmel blau?", "english_prompt": "Is the sky blue?", "answer": "ja"},
@@ -128,10 +128,15 @@ def evaluate(lm: CCLM, task_dir, task: str) -> list[dict]:
 @torch.no_grad()
 def log_likelihood_by_hand(lm: CCLM, context: str, continuation: str, connected: bool = True, **english) -> float:
     """The continuation's log-likelihood from one unpadded forward of `lm.model`: connected, anchored at the last
-    context token (`anchor_positions`; bilingual with `english_input_ids`), or LoRA alone."""
+    token of the whole context (`anchor_positions`; bilingual with `english_input_ids`), or LoRA alone. lm-eval
+    scores the chat template's final newline as part of the continuation; the anchor is that newline, as in
+    `CCModel.generate` and in training."""
     context_ids, continuation_ids = lm._encode_pair(context, continuation)
+    whole_context = lm.tok_encode(context)
+    assert context.endswith("\n") and len(whole_context) == len(context_ids) + 1
+    assert (context_ids + continuation_ids)[: len(whole_context)] == whole_context
     input_ids = torch.tensor([context_ids + continuation_ids[:-1]])
-    connection = {"anchor_positions": torch.tensor([len(context_ids) - 1]), **english} if connected else {}
+    connection = {"anchor_positions": torch.tensor([len(whole_context) - 1]), **english} if connected else {}
     log_probs = torch.log_softmax(lm.model(input_ids=input_ids, **connection).logits[0].float(), dim=-1)
     predicting = log_probs[len(context_ids) - 1 :]
     return float(predicting.gather(-1, torch.tensor(continuation_ids)[:, None]).sum())
@@ -226,6 +231,14 @@ def test_bilingual_without_the_english_field_is_refused(checkpoints, task_dir):
     lm = load(checkpoints, connection="bilingual", english_field="english")
     with pytest.raises(ValueError, match="no text field 'english'.*english_field="):
         evaluate(lm, task_dir, "tiny_choice")
+
+
+def test_the_anchor_is_the_last_token_of_the_whole_context():
+    # lm-eval moved the context's final newline (token 9) into the continuation: the anchor is that token.
+    assert context_end_in_continuation([1, 2, 9], [1, 2], [9, 5, 6]) == 1
+    assert context_end_in_continuation([1, 2], [1, 2], [5, 6]) == 0  # no trailing white space
+    assert context_end_in_continuation([1, 2, 9], [1, 2], [7, 6]) == 0  # merged into the first answer token
+    assert context_end_in_continuation([1, 2, 9], [1, 2], [9]) == 0  # the last continuation token is never an anchor
 
 
 def test_english_context_replaces_the_document_prompt():

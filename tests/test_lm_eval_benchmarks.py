@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -17,10 +18,12 @@ from peft_cc.lm_eval import TASKS_DIR  # noqa: E402
 from peft_cc.lm_eval.benchmarks import (  # noqa: E402
     DATA_ROOT_VARIABLE,
     load_benchmark,
+    metadata_tokenizer,
     resolve_data_root,
     score_extractive_qa,
     score_open_qa,
     score_summary,
+    scored_token_count,
 )
 from peft_cc.lm_eval.model import CCLM  # noqa: E402
 
@@ -47,6 +50,7 @@ def data_root(tmp_path) -> Path:
 def test_documents_hold_the_prompt_its_english_version_and_the_gold_answers(data_root):
     xnli = load_benchmark("XNLI", "de", data_root=str(data_root), version=1.0)["test"]
     assert xnli[1] == {
+        "index": 1,
         "prompt": "XNLI de question 1",
         "english_prompt": "XNLI en question 1",
         "language": "de",
@@ -78,7 +82,6 @@ def test_extractive_qa_scores_count_characters_in_chinese():
     assert scores["exact_match"] == 0.0
     assert scores["contains"] == 1.0
     assert scores["f1"] == pytest.approx(2 * (4 / 5) * 1 / (4 / 5 + 1))  # 4 of 5 characters, all 4 of the gold
-    assert scores["answer_nll"] == 2.5
 
 
 def test_open_qa_accuracy_is_containment_of_any_gold_answer_on_token_boundaries():
@@ -92,7 +95,76 @@ def test_open_qa_accuracy_is_containment_of_any_gold_answer_on_token_boundaries(
 def test_summary_rouge_l_counts_thai_characters():
     # Tokens: แ ม ว กิ น (a vowel sign stays with its consonant) against แ ม ว: precision 1, recall 3/5.
     doc = {"answers": ["แมวกิน"], "language": "th"}
-    assert score_summary(doc, ["แมว", (-3.0, False)]) == {"rouge_l": pytest.approx(0.75), "answer_nll": 3.0}
+    assert score_summary(doc, ["แมว", (-3.0, False)]) == {"rouge_l": pytest.approx(0.75)}
+
+
+def test_scored_tokens_are_those_lm_eval_splits_off_the_context(smollm2_tokenizer):
+    # lm-eval moves the context's trailing white space into the continuation: the chat template's newline is scored.
+    context = smollm2_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Wer gewann 1999?"}], add_generation_prompt=True, tokenize=False
+    )
+    assert context.endswith("assistant\n")
+    answer = smollm2_tokenizer("1999 Manchester United", add_special_tokens=False)["input_ids"]
+    assert len(answer) > 3
+    assert scored_token_count(smollm2_tokenizer, context, "1999 Manchester United") == 1 + len(answer)
+    assert scored_token_count(smollm2_tokenizer, "Antwort:", " Paris") == 1  # " Paris" is one token
+    assert scored_token_count(smollm2_tokenizer, "Antwort: ", "Paris") == 1  # the space moves to the answer
+
+
+def test_the_tokenizer_comes_from_the_metadata(smollm2_id):
+    assert metadata_tokenizer({"pretrained": smollm2_id}).name_or_path == smollm2_id
+    with pytest.raises(ValueError, match="TaskManager's metadata"):
+        metadata_tokenizer({"data_root": "somewhere"})
+
+
+@torch.no_grad()
+def answer_nll_by_hand(model, tokenizer, prompt: str, answer: str) -> tuple[float, int]:
+    """`(nats per token, tokens)` of the chat template's final newline and the answer's tokens after the templated
+    prompt: one forward over `template(prompt) + tokens(answer)`, both tokenised on their own."""
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert tokenizer.decode(prompt_ids[-1:]) == "\n"
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    scored = [prompt_ids[-1], *answer_ids]  # position p predicts token p + 1
+    log_probs = torch.log_softmax(model(torch.tensor([prompt_ids + answer_ids])).logits[0].float(), dim=-1)
+    first = len(prompt_ids) - 2
+    nll = -sum(float(log_probs[first + offset, token]) for offset, token in enumerate(scored))
+    return nll / len(scored), len(scored)
+
+
+def test_answer_nll_is_nats_per_scored_token(smollm2_id, data_root):
+    write_jsonl(data_root / "MKQA" / "answers" / "de.jsonl", [["Paris"], ["neunzehnhundertneunundneunzig"]])
+    lm = CCLM(pretrained=smollm2_id, device="cpu", dtype="float32", batch_size=2)
+    metadata = {"data_root": str(data_root), "pretrained": smollm2_id}
+    samples = simple_evaluate(
+        model=lm,
+        tasks=["peft_cc_mkqa_de"],
+        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata=metadata),
+        apply_chat_template=True,
+        log_samples=True,
+        bootstrap_iters=0,
+        gen_kwargs={"max_gen_toks": 1},
+    )["samples"]["peft_cc_mkqa_de"]
+    tokens = []
+    for sample in sorted(samples, key=lambda sample: sample["doc_id"]):
+        doc = sample["doc"]
+        expected, count = answer_nll_by_hand(lm.model, lm.tokenizer, doc["prompt"], doc["answers"][0])
+        assert sample["answer_nll"] == pytest.approx(expected, abs=1e-4)
+        assert -float(sample["filtered_resps"][1][0]) == pytest.approx(expected * count, abs=1e-3)
+        tokens.append(count)
+    assert tokens[1] > 3  # a multi-token answer
+
+
+def test_answer_nll_refuses_tasks_without_the_model_tokenizer(smollm2_id, data_root):
+    lm = CCLM(pretrained=smollm2_id, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="tokenizer"):
+        simple_evaluate(
+            model=lm,
+            tasks=["peft_cc_mkqa_de"],
+            task_manager=TaskManager(include_path=str(TASKS_DIR), metadata={"data_root": str(data_root)}),
+            limit=1,
+        )
 
 
 def test_every_benchmark_and_language_of_the_shared_data_root_has_a_task():
@@ -111,14 +183,14 @@ def test_every_benchmark_and_language_of_the_shared_data_root_has_a_task():
 def test_the_six_benchmarks_run_with_smollm2_on_the_shared_data_root(smollm2_id, monkeypatch):
     if not SHARED_DATA_ROOT.is_dir():
         pytest.skip(f"no shared data root at {SHARED_DATA_ROOT}")
-    monkeypatch.setenv(DATA_ROOT_VARIABLE, str(SHARED_DATA_ROOT))  # the environment, as the metadata is absent
+    monkeypatch.setenv(DATA_ROOT_VARIABLE, str(SHARED_DATA_ROOT))  # the environment, as the metadata lacks it
     tasks = [f"peft_cc_{benchmark.lower()}_{'zh' if benchmark != 'MMMLU' else 'es'}" for benchmark in BENCHMARKS]
     tasks[-1] = "peft_cc_xlsum_fr"
     lm = CCLM(pretrained=smollm2_id, device="cpu", dtype="float32", batch_size=4, max_length=1024)
     results = simple_evaluate(
         model=lm,
         tasks=tasks,
-        task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata={"pretrained": smollm2_id}),
         limit=2,
         apply_chat_template=True,
         bootstrap_iters=0,

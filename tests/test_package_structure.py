@@ -77,8 +77,6 @@ def test_every_module_is_reached_from_the_package_or_its_commands():
         "peft_cc",
         "peft_cc.sft_trainer",
         "peft_cc.cli",
-        "peft_cc.evaluation",
-        "peft_cc.evaluation.__main__",
         "peft_cc.lm_eval.__main__",
         "peft_cc.lm_eval.benchmarks",  # named by the lm-eval tasks' YAML files (their `!function`s)
     ]

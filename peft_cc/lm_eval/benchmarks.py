@@ -8,23 +8,35 @@ the functions of this module. The data root (layout: :mod:`peft_cc.parallel_data
 - XNLI, XStoryCloze, MMMLU: multiple choice over the option labels (`1`..`3`, `1`..`2`, `A`..`D`), scored by
   lm-eval's `acc` (the label with the highest log-likelihood after the prompt).
 - XQuAD, MKQA, XLSum: greedy generation, scored here (lm-eval has no multilingual token F1, answer containment or
-  ROUGE-L with one token per character of Chinese, Japanese and Thai; see :mod:`peft_cc.evaluation.metrics`), plus
-  `answer_nll`: the negative log-likelihood of the (first) gold answer after the prompt, in nats per answer, lower is
-  better. It does not depend on decoding, so it moves long before a small model's generated answers do.
+  ROUGE-L with one token per character of Chinese, Japanese and Thai; see :mod:`peft_cc.lm_eval.metrics`), plus
+  `answer_nll`: the negative log-likelihood of the (first) gold answer after the prompt, in nats per token of the
+  tokens lm-eval scores for it, lower is better. It does not depend on decoding, so it moves long before a small
+  model's generated answers do.
+
+The tokens of `answer_nll`: lm-eval's causal models score a continuation as the tokens of context + continuation
+after those of the context without its trailing white space (which it moves into the continuation), so with a chat
+template whose generation prompt ends in a newline, the newline is one of them (:func:`scored_token_count`). They are
+counted with the evaluated model's tokenizer, which the tasks read from their metadata (`tokenizer`, else
+`pretrained`): lm-eval's command line puts the model args there; from Python, give them to the `TaskManager`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Mapping
 
 import datasets
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
-from ..evaluation.metrics import contains_answer, exact_match, rouge_l_f1, token_f1
 from ..parallel_data import load_parallel_items
+from .metrics import contains_answer, exact_match, rouge_l_f1, token_f1
 
 DATA_ROOT_VARIABLE = "PEFT_CC_DATA_ROOT"
+
+# The key of the gold-answer request's document that holds the number of tokens lm-eval scores for the answer.
+GOLD_TOKENS = "gold_answer_tokens"
 
 # The option labels of the multiple-choice benchmarks, as prompts and gold answers write them.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -52,9 +64,9 @@ def resolve_data_root(metadata_root: str | None) -> str:
 def load_benchmark(benchmark: str, language: str, data_root: str | None = None, **_metadata) -> datasets.DatasetDict:
     """lm-eval's `custom_dataset`: the items of `benchmark` in `language` as the split `test`.
 
-    Each document has `prompt`, `english_prompt` (for the `cc` model's bilingual connection), `language`,
-    `answers` (the acceptable gold answers; one but for MKQA) and `label` (the gold option's index for a
-    multiple-choice benchmark, else -1).
+    Each document has `index` (the item's line number from 0, the same in every language), `prompt`,
+    `english_prompt` (for the `cc` model's bilingual connection), `language`, `answers` (the acceptable gold answers;
+    one but for MKQA) and `label` (the gold option's index for a multiple-choice benchmark, else -1).
 
     Args:
         benchmark: the benchmark folder name, e.g. `"XNLI"`.
@@ -72,6 +84,7 @@ def load_benchmark(benchmark: str, language: str, data_root: str | None = None, 
             raise ValueError(f"{benchmark}/{language} line {item.index + 1}: no gold answer.")
         documents.append(
             {
+                "index": item.index,
                 "prompt": item.prompt,
                 "english_prompt": item.english_prompt,
                 "language": language,
@@ -82,53 +95,110 @@ def load_benchmark(benchmark: str, language: str, data_root: str | None = None, 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(documents)})
 
 
+def scored_token_count(tokenizer, context: str, continuation: str) -> int:
+    """How many tokens lm-eval's causal models score for `continuation` after `context` (as lm-eval 0.4.13's
+    `TemplateLM._encode_pair` splits them): the tokens of `context + continuation` after those of `context` without
+    its trailing white space, which lm-eval moves into the continuation.
+
+    Args:
+        tokenizer: the evaluated model's tokenizer (a `transformers` tokenizer).
+        context: the request's context (the templated prompt).
+        continuation: the scored text (the gold answer).
+    """
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return length(context + continuation) - length(context.rstrip())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def metadata_tokenizer(metadata: Mapping):
+    """The evaluated model's tokenizer, named by the task metadata's `tokenizer`, else `pretrained` (with its
+    `revision` and `trust_remote_code`), as lm-eval's `hf` model chooses its own.
+
+    Raises:
+        ValueError: the metadata names none (e.g. a `TaskManager` made without the model args).
+    """
+    name = metadata.get("tokenizer") or metadata.get("pretrained")
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            "answer_nll is in nats per gold-answer token, counted with the evaluated model's tokenizer, which the "
+            "peft_cc_* generative tasks read from their metadata (`tokenizer`, else `pretrained`). lm-eval's command "
+            "line puts the model args there; from Python, name it in the TaskManager's metadata, e.g. "
+            "TaskManager(include_path=..., metadata={'pretrained': 'HuggingFaceTB/SmolLM2-135M-Instruct', "
+            "'data_root': ...})."
+        )
+    return _load_tokenizer(name, metadata.get("revision"), bool(metadata.get("trust_remote_code", False)))
+
+
 class GenerationWithGoldLikelihood(ConfigurableTask):
-    """A `generate_until` task that also asks for the log-likelihood of the first gold answer after the prompt:
-    two requests per document, whose results the task's `process_results` receives in this order."""
+    """A `generate_until` task that also asks for the log-likelihood of the first gold answer after the prompt: two
+    requests per document, whose results the configuration's `process_results` receives in this order; this class
+    adds `answer_nll`, in nats per scored answer token (see the module docstring)."""
 
     def __init__(self, config: dict) -> None:
         # lm-eval hands a `class:` task its whole configuration, the `class` key included.
         super().__init__(config={key: value for key, value in config.items() if key != "class"})
+        self._gold_tokens: dict[int, int] = {}
 
     def construct_requests(self, doc: dict, ctx: str, metadata: tuple, **kwargs) -> list[Instance]:
         generation = super().construct_requests(doc, ctx, metadata=metadata, **kwargs)
+        continuation = self.config.target_delimiter + doc["answers"][0]
+        tokens = scored_token_count(metadata_tokenizer(self.config.metadata or {}), ctx, continuation)
+        if tokens < 1:
+            raise ValueError(f"{self.config.task} item {doc['index']}: the gold answer {continuation!r} has no token.")
         gold = Instance(
             request_type="loglikelihood",
-            doc=doc,
-            arguments=(ctx, self.config.target_delimiter + doc["answers"][0]),
+            doc={**doc, GOLD_TOKENS: tokens},
+            arguments=(ctx, continuation),
             idx=1,
             metadata=metadata,
         )
         return [generation, gold]
 
+    def build_all_requests(self, **kwargs) -> None:
+        super().build_all_requests(**kwargs)
+        # The counts travel in the gold requests' documents, so requests read back from lm-eval's cache keep them.
+        self._gold_tokens = {
+            instance.doc["index"]: instance.doc[GOLD_TOKENS] for instance in self.instances if instance.idx == 1
+        }
 
-def _answer_nll(results: list) -> float:
-    _, (log_likelihood, _) = results
-    return -float(log_likelihood)
+    def process_results(self, doc: dict, results: list) -> dict[str, float]:
+        """The configuration's scores of the generated text, plus `answer_nll` from the gold answer's
+        `(log-likelihood, is_greedy)`: nats per scored token."""
+        _, (log_likelihood, _) = results
+        scores = super().process_results(doc, results)
+        return {**scores, "answer_nll": -float(log_likelihood) / self._gold_tokens[doc["index"]]}
 
 
 def score_extractive_qa(doc: dict, results: list) -> dict[str, float]:
-    """XQuAD's item scores: `exact_match`, `f1` (token F1), `contains` and `answer_nll`."""
+    """XQuAD's item scores of the generated text `results[0]`: `exact_match`, `f1` (token F1) and `contains`."""
     output, answers, language = results[0], doc["answers"], doc["language"]
     return {
         "exact_match": exact_match(output, answers, language),
         "f1": token_f1(output, answers, language),
         "contains": contains_answer(output, answers, language),
-        "answer_nll": _answer_nll(results),
     }
 
 
 def score_open_qa(doc: dict, results: list) -> dict[str, float]:
-    """MKQA's item scores: `accuracy` (a gold answer occurs in the output), `exact_match`, `f1` and `answer_nll`."""
+    """MKQA's item scores of the generated text `results[0]`: `accuracy` (a gold answer occurs in the output),
+    `exact_match` and `f1`."""
     output, answers, language = results[0], doc["answers"], doc["language"]
     return {
         "accuracy": contains_answer(output, answers, language),
         "exact_match": exact_match(output, answers, language),
         "f1": token_f1(output, answers, language),
-        "answer_nll": _answer_nll(results),
     }
 
 
 def score_summary(doc: dict, results: list) -> dict[str, float]:
-    """XLSum's item scores: `rouge_l` (ROUGE-L F1) and `answer_nll`."""
-    return {"rouge_l": rouge_l_f1(results[0], doc["answers"][0]), "answer_nll": _answer_nll(results)}
+    """XLSum's item score of the generated text `results[0]`: `rouge_l` (ROUGE-L F1)."""
+    return {"rouge_l": rouge_l_f1(results[0], doc["answers"][0])}

@@ -15,11 +15,13 @@ It is lm-eval's `hf` model (:class:`lm_eval.models.huggingface.HFLM`, same model
   the document's prompt replaced by the English one, so that it is templated exactly alike (chat template, system
   prompt, few-shot examples).
 
-Where the connection applies, as in :meth:`peft_cc.CCModel.generate`: at the last token of each request's context.
-Log-likelihood requests run one forward pass per (context, continuation) row with that row's anchor
-(`CCModel.forward(..., anchor_positions=...)`), so a score is exactly the log-likelihood that `CCModel` computes for
-the continuation after that context. Generation runs `generate(..., connection=...)`. Rolling log-likelihoods
-(perplexity tasks) have no context to anchor the connection to: they run with `connection=off` only.
+Where the connection applies, as in :meth:`peft_cc.CCModel.generate` and in training: at the last token of each
+request's context (for a chat template, the newline that ends its generation prompt, which lm-eval moves into a
+log-likelihood request's continuation; see :func:`context_end_in_continuation`). Log-likelihood requests run one
+forward pass per (context, continuation) row with that row's anchor (`CCModel.forward(..., anchor_positions=...)`),
+so a score is exactly the log-likelihood that `CCModel` computes for the continuation after that context.
+Generation runs `generate(..., connection=...)`. Rolling log-likelihoods (perplexity tasks) have no context to anchor
+the connection to: they run with `connection=off` only.
 """
 
 from __future__ import annotations
@@ -224,14 +226,16 @@ class CCLM(HFLM):
 
     def _row(self, request: tuple[tuple[str | None, str], list[int], list[int]]) -> _Row:
         """The forward row of a request: context and continuation but its last token, left-truncated to the model's
-        length as lm-eval's `hf` model does; the anchor is the last context token."""
+        length as lm-eval's `hf` model does; the anchor is the last token of the context (see
+        :func:`context_end_in_continuation`)."""
         (context, _), context_ids, continuation_ids = request
         tokens = tuple((context_ids + continuation_ids)[-(self.max_length + 1) :][:-1])
+        moved = context_end_in_continuation(self.tok_encode(context), context_ids, continuation_ids)
         english: tuple[int, ...] = ()
         if self.connection == "bilingual":
             english_text = self._english_contexts[context]
             english = tuple(self.tok_encode(english_text, left_truncate_len=self.max_length))
-        return _Row(tokens, len(tokens) - len(continuation_ids), english)
+        return _Row(tokens, len(tokens) - len(continuation_ids) + moved, english)
 
     @torch.no_grad()
     def _connected_log_probs(self, rows: Sequence[_Row]) -> torch.Tensor:
@@ -261,6 +265,31 @@ class CCLM(HFLM):
             input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[index, : len(row)] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def context_end_in_continuation(
+    full_context_ids: Sequence[int], context_ids: Sequence[int], continuation_ids: Sequence[int]
+) -> int:
+    """How many of the continuation's first tokens belong to the request's context.
+
+    lm-eval moves the context's trailing white space into the continuation before it tokenises (`context_ids` lack
+    it, `continuation_ids` start with it): with a chat template, the newline that ends the generation prompt. The
+    connection's anchor is the last token of the whole context, as in :meth:`peft_cc.CCModel.generate` and in
+    training, so it lies that many tokens into the continuation. Where the white space merged into a continuation
+    token (`" Paris"`), no token ends where the context does and the anchor stays at the last token of `context_ids`.
+
+    Args:
+        full_context_ids: the tokens of the whole context (its trailing white space included), tokenised alone.
+        context_ids, continuation_ids: lm-eval's split of the request.
+
+    Returns:
+        A count in `[0, len(continuation_ids) - 1]` (the last continuation token is never an anchor).
+    """
+    whole = [*context_ids, *continuation_ids]
+    moved = len(full_context_ids) - len(context_ids)
+    if moved <= 0 or whole[: len(full_context_ids)] != list(full_context_ids):
+        return 0
+    return min(moved, len(continuation_ids) - 1)
 
 
 def _continuation_score(log_probs: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:

@@ -1,20 +1,12 @@
-"""The evaluation metrics on hand-made cases, including scripts written without spaces (zh, ja, th)."""
+"""The generative tasks' metrics (peft_cc.lm_eval.metrics) on hand-made cases, including scripts written without spaces
+(zh, ja, th)."""
 
 from __future__ import annotations
 
 import pytest
 
-from peft_cc.evaluation.benchmarks import BENCHMARKS, get_benchmark
-from peft_cc.evaluation.metrics import (
-    contains_answer,
-    exact_match,
-    extract_choice,
-    majority_rate,
-    mean,
-    rouge_l_f1,
-    token_f1,
-)
-from peft_cc.evaluation.normalization import normalize_text, tokenize
+from peft_cc.lm_eval.metrics import contains_answer, exact_match, rouge_l_f1, token_f1
+from peft_cc.lm_eval.normalization import normalize_text, tokenize
 
 # ------------------------------------------------------------------------------------------------ normalisation
 
@@ -125,75 +117,3 @@ def test_rouge_l_f1(prediction, reference, expected):
 
 def test_rouge_l_is_symmetric_in_f1():
     assert rouge_l_f1("a b c d", "a c e") == pytest.approx(rouge_l_f1("a c e", "a b c d"))
-
-
-# ------------------------------------------------------------------------------------------------ multiple choice
-
-DIGITS = ("1", "2", "3")
-LETTERS = ("A", "B", "C", "D")
-
-
-@pytest.mark.parametrize(
-    ("text", "labels", "expected"),
-    [
-        ("The answer is 2", DIGITS, "2"),
-        ("2", DIGITS, "2"),
-        ("(3) Contradict", DIGITS, "3"),
-        ("1. Entail, not 2", DIGITS, "1"),  # the first label counts
-        ("答案是1", DIGITS, "1"),
-        ("２", DIGITS, "2"),  # full-width digit
-        ("12 apples", DIGITS, None),  # inside a number
-        ("Neutral", DIGITS, None),
-        ("", DIGITS, None),
-        ("B.", LETTERS, "B"),
-        ("(C)", LETTERS, "C"),
-        ("The answer is: D) 6", LETTERS, "D"),
-        ("Based on this, C", LETTERS, "C"),  # "B" inside a word does not count
-        ("a cat", LETTERS, None),  # lower-case "a" is an article, not option A
-        ("No label here", LETTERS, None),
-    ],
-)
-def test_extract_choice(text, labels, expected):
-    assert extract_choice(text, labels) == expected
-
-
-def test_majority_rate_and_mean():
-    assert majority_rate(["1", "1", "2", "3"]) == 0.5
-    assert majority_rate(["A"]) == 1.0
-    assert majority_rate([]) == 0.0
-    assert mean([0.0, 1.0, 0.5]) == 0.5
-    assert mean([]) is None
-
-
-# ------------------------------------------------------------------------------------------------ benchmarks
-
-
-def test_benchmark_scores_by_kind():
-    assert get_benchmark("xnli").score("The answer is 3", "3", "en") == {"accuracy": 1.0, "unparsed": 0.0}
-    assert get_benchmark("MMMLU").score("I do not know", "B", "ko") == {"accuracy": 0.0, "unparsed": 1.0}
-    assert get_benchmark("XQuAD").score("308 points", "308", "en") == {
-        "exact_match": 0.0,
-        "f1": pytest.approx(2 / 3),
-        "contains": 1.0,
-    }
-    assert get_benchmark("MKQA").score("保罗·泽丁", ["保罗·泽丁", "泽丁"], "zh") == {
-        "accuracy": 1.0,
-        "exact_match": 1.0,
-        "f1": 1.0,
-    }
-    assert get_benchmark("XLSum").score("the cat sat", "the cat sat", "en") == {"rouge_l": 1.0}
-
-
-def test_every_benchmark_reports_its_primary_metric_in_its_table():
-    for benchmark in BENCHMARKS.values():
-        assert benchmark.primary_metric in benchmark.table_metrics
-        assert benchmark.is_multiple_choice == bool(benchmark.labels)
-
-
-def test_gold_answers_are_checked():
-    with pytest.raises(ValueError, match="not one of the labels"):
-        get_benchmark("XNLI").check_answer("4", "XNLI/answers/en.jsonl line 1")
-    with pytest.raises(ValueError, match="non-empty list"):
-        get_benchmark("MKQA").check_answer([], "MKQA/answers/en.jsonl line 1")
-    with pytest.raises(ValueError, match="Unknown benchmark"):
-        get_benchmark("SQuAD")

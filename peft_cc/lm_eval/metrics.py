@@ -1,22 +1,19 @@
-"""Scores of one model output against its gold answer, and aggregates over items.
+"""Scores of one generated answer against its gold answers, for the generative tasks (:mod:`.benchmarks`).
 
-Every item score is a float in [0, 1]; a benchmark's score in a language is the mean over its items. Text is
-compared after :func:`~peft_cc.evaluation.normalization.normalize_text` and split into tokens by
-:func:`~peft_cc.evaluation.normalization.tokenize` (words; characters for Chinese, Japanese, Thai and other scripts
+lm-eval's own metrics lack what multilingual answers need (Unicode normalisation, one token per character in
+Chinese, Japanese and Thai, answer containment). Every score is a float in [0, 1]; a task's score is the mean over
+its documents. Text is compared after :func:`~peft_cc.lm_eval.normalization.normalize_text` and split into tokens by
+:func:`~peft_cc.lm_eval.normalization.tokenize` (words; characters for Chinese, Japanese, Thai and other scripts
 written without spaces).
 
-- :func:`extract_choice`: the first option label in a generated text (multiple-choice accuracy).
 - :func:`exact_match`: the normalised output equals a normalised gold answer.
 - :func:`token_f1`: SQuAD's token-overlap F1, the best over the gold answers.
 - :func:`contains_answer`: a normalised gold answer occurs in the normalised output, as a whole run of tokens.
 - :func:`rouge_l_f1`: ROUGE-L F1 (longest common token subsequence).
-- :func:`majority_rate`: the frequency of the most common gold label.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -27,26 +24,6 @@ Answers = str | Sequence[str]
 
 def _as_list(answers: Answers) -> list[str]:
     return [answers] if isinstance(answers, str) else list(answers)
-
-
-def extract_choice(text: str, labels: Sequence[str]) -> str | None:
-    """The first option label that occurs in `text` as a label, or `None` when there is none.
-
-    A label counts where it stands alone: not inside a longer run of digits (`"12"` holds no label 1 or 2) or of
-    Latin letters (`"Based"` holds no label B). Letter labels are matched in upper case only, so the English
-    article "a" is not read as option A. Full-width forms (`"２"`, `"Ｂ"`) count as their ASCII labels.
-
-    Examples with labels `1..3`: `"The answer is 2"` → `"2"`, `"(3) Contradict"` → `"3"`, `"答案是1"` → `"1"`,
-    `"Neutral"` → `None`. With labels `A..D`: `"B."` → `"B"`, `"(C)"` → `"C"`, `"a cat"` → `None`.
-
-    Args:
-        text: the generated text.
-        labels: the option labels, e.g. `["1", "2", "3"]` or `["A", "B", "C", "D"]`.
-    """
-    text = unicodedata.normalize("NFKC", text)
-    alternatives = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
-    match = re.search(rf"(?<![0-9A-Za-z])({alternatives})(?![0-9A-Za-z])", text)
-    return match.group(1) if match else None
 
 
 def exact_match(prediction: str, answers: Answers, language: str | None = None) -> float:
@@ -122,15 +99,3 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(predicted), common / len(gold)
     return 2 * precision * recall / (precision + recall)
-
-
-def majority_rate(gold_labels: Sequence[str]) -> float:
-    """The frequency of the most common gold label: the accuracy of always answering it (0.0 for no items)."""
-    if not gold_labels:
-        return 0.0
-    return Counter(gold_labels).most_common(1)[0][1] / len(gold_labels)
-
-
-def mean(values: Sequence[float]) -> float | None:
-    """The arithmetic mean, or `None` for no values."""
-    return sum(values) / len(values) if values else None
