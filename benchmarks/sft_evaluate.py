@@ -161,7 +161,10 @@ def evaluate(
     )
     # Only this package's tasks: indexing lm-eval's whole catalogue costs seconds per evaluation.
     task_manager = TaskManager(
-        include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_root": settings.data_root}
+        include_path=str(TASKS_DIR),
+        include_defaults=False,
+        # The generative tasks count answer_nll's tokens with the model's tokenizer, which they read from here.
+        metadata={"data_root": settings.data_root, "pretrained": settings.model, "tokenizer": settings.tokenizer},
     )
     items: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     outputs: dict[str, dict[str, dict[int, str]]] = {}

@@ -17,13 +17,13 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from peft_cc.lm_eval import TASKS_DIR  # noqa: E402
 from peft_cc.lm_eval.benchmarks import (  # noqa: E402
     DATA_ROOT_VARIABLE,
+    answer_token_count,
     load_benchmark,
     metadata_tokenizer,
     resolve_data_root,
     score_extractive_qa,
     score_open_qa,
     score_summary,
-    scored_token_count,
 )
 from peft_cc.lm_eval.model import CCLM  # noqa: E402
 
@@ -98,17 +98,18 @@ def test_summary_rouge_l_counts_thai_characters():
     assert score_summary(doc, ["แมว", (-3.0, False)]) == {"rouge_l": pytest.approx(0.75)}
 
 
-def test_scored_tokens_are_those_lm_eval_splits_off_the_context(smollm2_tokenizer):
-    # lm-eval moves the context's trailing white space into the continuation: the chat template's newline is scored.
+def test_answer_tokens_are_the_answers_own(smollm2_tokenizer):
+    # lm-eval also scores the chat template's final newline (it moves trailing white space into the continuation);
+    # it is not an answer token.
     context = smollm2_tokenizer.apply_chat_template(
         [{"role": "user", "content": "Wer gewann 1999?"}], add_generation_prompt=True, tokenize=False
     )
     assert context.endswith("assistant\n")
     answer = smollm2_tokenizer("1999 Manchester United", add_special_tokens=False)["input_ids"]
     assert len(answer) > 3
-    assert scored_token_count(smollm2_tokenizer, context, "1999 Manchester United") == 1 + len(answer)
-    assert scored_token_count(smollm2_tokenizer, "Antwort:", " Paris") == 1  # " Paris" is one token
-    assert scored_token_count(smollm2_tokenizer, "Antwort: ", "Paris") == 1  # the space moves to the answer
+    assert answer_token_count(smollm2_tokenizer, context, "1999 Manchester United") == len(answer)
+    assert answer_token_count(smollm2_tokenizer, "Antwort:", " Paris") == 1  # " Paris" is one token
+    assert answer_token_count(smollm2_tokenizer, "Antwort: ", "Paris") == 1  # the space merges into the answer
 
 
 def test_the_tokenizer_comes_from_the_metadata(smollm2_id):
@@ -119,8 +120,9 @@ def test_the_tokenizer_comes_from_the_metadata(smollm2_id):
 
 @torch.no_grad()
 def answer_nll_by_hand(model, tokenizer, prompt: str, answer: str) -> tuple[float, int]:
-    """`(nats per token, tokens)` of the chat template's final newline and the answer's tokens after the templated
-    prompt: one forward over `template(prompt) + tokens(answer)`, both tokenised on their own."""
+    """`(summed NLL in nats, answer tokens)` of the chat template's final newline and the answer's tokens after the
+    templated prompt (lm-eval scores both): one forward over `template(prompt) + tokens(answer)`, both tokenised on
+    their own."""
     prompt_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
@@ -129,11 +131,10 @@ def answer_nll_by_hand(model, tokenizer, prompt: str, answer: str) -> tuple[floa
     scored = [prompt_ids[-1], *answer_ids]  # position p predicts token p + 1
     log_probs = torch.log_softmax(model(torch.tensor([prompt_ids + answer_ids])).logits[0].float(), dim=-1)
     first = len(prompt_ids) - 2
-    nll = -sum(float(log_probs[first + offset, token]) for offset, token in enumerate(scored))
-    return nll / len(scored), len(scored)
+    return -sum(float(log_probs[first + offset, token]) for offset, token in enumerate(scored)), len(answer_ids)
 
 
-def test_answer_nll_is_nats_per_scored_token(smollm2_id, data_root):
+def test_answer_nll_is_nats_per_answer_token(smollm2_id, data_root):
     write_jsonl(data_root / "MKQA" / "answers" / "de.jsonl", [["Paris"], ["neunzehnhundertneunundneunzig"]])
     lm = CCLM(pretrained=smollm2_id, device="cpu", dtype="float32", batch_size=2)
     metadata = {"data_root": str(data_root), "pretrained": smollm2_id}
@@ -149,9 +150,9 @@ def test_answer_nll_is_nats_per_scored_token(smollm2_id, data_root):
     tokens = []
     for sample in sorted(samples, key=lambda sample: sample["doc_id"]):
         doc = sample["doc"]
-        expected, count = answer_nll_by_hand(lm.model, lm.tokenizer, doc["prompt"], doc["answers"][0])
-        assert sample["answer_nll"] == pytest.approx(expected, abs=1e-4)
-        assert -float(sample["filtered_resps"][1][0]) == pytest.approx(expected * count, abs=1e-3)
+        nll, count = answer_nll_by_hand(lm.model, lm.tokenizer, doc["prompt"], doc["answers"][0])
+        assert -float(sample["filtered_resps"][1][0]) == pytest.approx(nll, abs=1e-3)
+        assert sample["answer_nll"] == pytest.approx(nll / count, abs=1e-4)
         tokens.append(count)
     assert tokens[1] > 3  # a multi-token answer
 

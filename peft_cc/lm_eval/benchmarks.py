@@ -10,14 +10,15 @@ the functions of this module. The data root (layout: :mod:`peft_cc.parallel_data
 - XQuAD, MKQA, XLSum: greedy generation, scored here (lm-eval has no multilingual token F1, answer containment or
   ROUGE-L with one token per character of Chinese, Japanese and Thai; see :mod:`peft_cc.lm_eval.metrics`), plus
   `answer_nll`: the negative log-likelihood of the (first) gold answer after the prompt, in nats per token of the
-  tokens lm-eval scores for it, lower is better. It does not depend on decoding, so it moves long before a small
+  answer, lower is better. It does not depend on decoding, so it moves long before a small
   model's generated answers do.
 
-The tokens of `answer_nll`: lm-eval's causal models score a continuation as the tokens of context + continuation
-after those of the context without its trailing white space (which it moves into the continuation), so with a chat
-template whose generation prompt ends in a newline, the newline is one of them (:func:`scored_token_count`). They are
-counted with the evaluated model's tokenizer, which the tasks read from their metadata (`tokenizer`, else
-`pretrained`): lm-eval's command line puts the model args there; from Python, give them to the `TaskManager`.
+The tokens of `answer_nll`: the answer's own, those that the prompt followed by the answer has beyond the prompt's
+(:func:`answer_token_count`). lm-eval's causal models also score the prompt's trailing white space, which they move
+into the continuation (with a chat template, the newline of its generation prompt: at most 0.0024 nats on SmolLM2),
+so the summed log-likelihood includes it, but it is not counted as an answer token. The tokens are counted with the
+evaluated model's tokenizer, which the tasks read from their metadata (`tokenizer`, else `pretrained`): lm-eval's
+command line puts the model args there; from Python, give them to the `TaskManager`.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def load_benchmark(benchmark: str, language: str, data_root: str | None = None, 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(documents)})
 
 
-def scored_token_count(tokenizer, context: str, continuation: str) -> int:
-    """How many tokens lm-eval's causal models score for `continuation` after `context` (as lm-eval 0.4.13's
-    `TemplateLM._encode_pair` splits them): the tokens of `context + continuation` after those of `context` without
-    its trailing white space, which lm-eval moves into the continuation.
+def answer_token_count(tokenizer, context: str, continuation: str) -> int:
+    """The number of tokens of `continuation` after `context`: those of `context + continuation` beyond those of
+    `context`. Where the context's trailing white space merges into the continuation's first token (`"Antwort: "` +
+    `"Paris"`), that token counts: the tokens of `context + continuation` beyond those of the context without its
+    trailing white space.
 
     Args:
         tokenizer: the evaluated model's tokenizer (a `transformers` tokenizer).
@@ -109,7 +111,8 @@ def scored_token_count(tokenizer, context: str, continuation: str) -> int:
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    return length(context + continuation) - length(context.rstrip())
+    whole = length(context + continuation)
+    return whole - length(context) or whole - length(context.rstrip())
 
 
 @functools.lru_cache(maxsize=4)
@@ -141,7 +144,7 @@ def metadata_tokenizer(metadata: Mapping):
 class GenerationWithGoldLikelihood(ConfigurableTask):
     """A `generate_until` task that also asks for the log-likelihood of the first gold answer after the prompt: two
     requests per document, whose results the configuration's `process_results` receives in this order; this class
-    adds `answer_nll`, in nats per scored answer token (see the module docstring)."""
+    adds `answer_nll`, in nats per answer token (see the module docstring)."""
 
     def __init__(self, config: dict) -> None:
         # lm-eval hands a `class:` task its whole configuration, the `class` key included.
@@ -151,7 +154,7 @@ class GenerationWithGoldLikelihood(ConfigurableTask):
     def construct_requests(self, doc: dict, ctx: str, metadata: tuple, **kwargs) -> list[Instance]:
         generation = super().construct_requests(doc, ctx, metadata=metadata, **kwargs)
         continuation = self.config.target_delimiter + doc["answers"][0]
-        tokens = scored_token_count(metadata_tokenizer(self.config.metadata or {}), ctx, continuation)
+        tokens = answer_token_count(metadata_tokenizer(self.config.metadata or {}), ctx, continuation)
         if tokens < 1:
             raise ValueError(f"{self.config.task} item {doc['index']}: the gold answer {continuation!r} has no token.")
         gold = Instance(
@@ -172,7 +175,7 @@ class GenerationWithGoldLikelihood(ConfigurableTask):
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
         """The configuration's scores of the generated text, plus `answer_nll` from the gold answer's
-        `(log-likelihood, is_greedy)`: nats per scored token."""
+        `(log-likelihood, is_greedy)`: nats per answer token."""
         _, (log_likelihood, _) = results
         scores = super().process_results(doc, results)
         return {**scores, "answer_nll": -float(log_likelihood) / self._gold_tokens[doc["index"]]}
