@@ -52,6 +52,11 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
     "decision_maker_lr_5e-2": ({}, 5e-2),
     # The setting docs/decision_maker.md recommends (not the default, which is the paper's method: see there).
     "recommended": ({"decision_maker": "variance_reinforce_gated"}, None),
+    # The same, starting from the layers whose read would lower the loss fastest rather than the most varying ones.
+    "recommended_loss_gradient_prior": (
+        {"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"prior": "loss_gradient"}},
+        None,
+    ),
 }
 FORCED = re.compile(r"forced_(-?\d+)")
 
@@ -119,7 +124,7 @@ def entropy(counts: Counter) -> float:
 
 def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidates: list[int] | None) -> dict:
     options, decision_maker_lr = arm_settings(name)
-    variance_share = None
+    prior = None
     torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if options is None:
@@ -131,7 +136,7 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidate
         if model.base_model.needs_decision_maker_initialization():
             # From the first batches of the run, as CCSFTTrainer does (its default: 64 examples).
             first = itertools.islice(training_batches(tokenizer, args.batch_size), max(1, 64 // args.batch_size))
-            variance_share = model.base_model.initialize_decision_maker(first)
+            prior = model.base_model.initialize_decision_maker(first)
     select = without_english if options is None else (lambda batch: batch)
     module = model.base_model.decision_maker() if options is not None else None
     decision_maker = list(module.parameters()) if module is not None else []  # its weight, and a gate if it has one
@@ -179,8 +184,9 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidate
         "windows": windows,
         "source_layers": sources,
     }
-    if variance_share is not None:  # each candidate's share of the English activations' variance (the start)
-        result["english_variance_share"] = dict(zip(sources, variance_share.tolist()))
+    if prior is not None:  # the start: each candidate's share of the English variance, or of the loss gradient's read
+        strategy = model.peft_config["default"].variance_reinforce_config
+        result[f"{strategy.prior}_share"] = dict(zip(sources, prior.tolist()))
     if module is not None and module.gate is not None:  # the learned injection gate of each candidate at the end
         result["injection_gate"] = dict(zip(sources, module.gate.tolist()))
     return result

@@ -13,18 +13,20 @@ from .registration import cc_peft_type
 
 DecisionMakerStrategy = Literal["paper", "variance_reinforce_gated"]
 DECISION_MAKER_STRATEGIES: tuple[str, ...] = DecisionMakerStrategy.__args__
+DecisionMakerPrior = Literal["english_variance", "loss_gradient"]
+DECISION_MAKER_PRIORS: tuple[str, ...] = DecisionMakerPrior.__args__
 
 
 @dataclass
 class VarianceReinforceConfig:
     """The knobs of the `"variance_reinforce_gated"` Decision Maker (see `docs/decision_maker.md`).
 
-    The strategy starts the Decision Maker favouring the candidate layers whose English activation varies most across
-    training prompts (computed from training examples before the first step). For the first `start_fraction` of
-    training its sampled choice is applied but not learned, while LoRA learns to read the injected activations; then
-    it learns by REINFORCE: each row's loss, compared with the other rows' of the batch, rewards the layer that row
-    injected. A learned gate
-    per candidate layer, starting at `gate_init`, scales the injected activation.
+    The strategy starts the Decision Maker favouring some candidate layers, by a prior computed from training examples
+    before the first step (`prior`; by default the layers whose English activation varies most across the prompts).
+    For the first `start_fraction` of training its sampled choice is applied but not learned, while LoRA learns to read
+    the injected activations; then it learns by REINFORCE: each row's loss, compared with the other rows' of the batch,
+    rewards the layer that row injected. A learned gate per candidate layer, starting at `gate_init`, scales the
+    injected activation.
     """
 
     start_fraction: float = field(
@@ -45,10 +47,25 @@ class VarianceReinforceConfig:
             )
         },
     )
+    prior: DecisionMakerPrior = field(
+        default="english_variance",
+        metadata={
+            "help": (
+                "What the Decision Maker's start favours. 'english_variance': each candidate layer's share of the "
+                "variance of its English activation across training prompts. 'loss_gradient': each layer's share of "
+                "how fast a linear read of its activation would lower the training loss at the start (one backward "
+                "pass per initialisation batch); it needs `labels` in those batches."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if not _is_number(self.start_fraction) or not 0 <= self.start_fraction <= 1:
             raise ValueError(f"`start_fraction` must lie in [0, 1], got {self.start_fraction!r}.")
+        if self.prior not in DECISION_MAKER_PRIORS:
+            raise ValueError(
+                f"`prior` must be one of {', '.join(map(repr, DECISION_MAKER_PRIORS))}, got {self.prior!r}."
+            )
         if not _is_number(self.gate_init) or not math.isfinite(self.gate_init):
             raise ValueError(f"`gate_init` must be a finite number, got {self.gate_init!r}.")
 

@@ -117,6 +117,41 @@ def english_variance_prior(source_activations: torch.Tensor) -> torch.Tensor:
     return (variance / variance.sum()).clamp_min(1e-8).log()
 
 
+def loss_gradient_prior(source_activations: torch.Tensor, loss_gradients: torch.Tensor) -> torch.Tensor:
+    """Each source layer's share of how fast a linear read of its activation lowers the loss, as a log-probability.
+
+    For layer `l`, `C_l = E_n[g_n ẽ_lnᵀ]` (`[d, d]`) is the gradient of the loss with respect to a linear map applied
+    to the prompt-dependent part `ẽ_ln = e_ln − mean_n e_ln` of the activation injected at the anchor, where `g_n` is
+    the gradient of row `n`'s loss with respect to a vector added there. `‖C_l‖²_F` is how fast such a read starts
+    lowering the loss: large when the layer's activation varies across prompts *as the loss needs it to*, not merely
+    when it varies. It is estimated without the noise floor of the diagonal terms, as the mean over pairs `n ≠ m` of
+    `(g̃_n · g̃_m)(ẽ_ln · ẽ_lm)` (`g̃` centred too); layers whose estimate is not positive get the floor.
+
+    Args:
+        source_activations: `[N, S, d]` English activations of `N` prompts at the anchor (`N ≥ 2`).
+        loss_gradients: `[N, d]` gradient of each prompt's loss with respect to a vector added at its anchor.
+
+    Returns:
+        `[S]` float32 log of each layer's share of the positive estimates, floored at `log(1e-8)`; uniform when no
+        estimate is positive.
+    """
+    rows = source_activations.shape[0]
+    if rows < 2 or loss_gradients.shape != (rows, source_activations.shape[-1]):
+        raise ValueError(
+            f"The loss-gradient prior needs at least 2 prompts and one `[d]` gradient per prompt, got activations "
+            f"{tuple(source_activations.shape)} and gradients {tuple(loss_gradients.shape)}."
+        )
+    activations = source_activations.float() - source_activations.float().mean(dim=0)
+    gradients = loss_gradients.float() - loss_gradients.float().mean(dim=0)
+    gradient_similarity = gradients @ gradients.T  # [N, N]
+    activation_similarity = torch.einsum("nsd,msd->snm", activations, activations)  # [S, N, N]
+    pairs = ~torch.eye(rows, dtype=torch.bool, device=gradients.device)
+    alignment = (activation_similarity * gradient_similarity)[:, pairs].mean(dim=-1).clamp_min(0)
+    if not alignment.sum() > 0:  # no layer's activation moves with what the loss needs: no layer is favoured
+        return torch.full_like(alignment, -math.log(len(alignment)))
+    return (alignment / alignment.sum()).clamp_min(1e-8).log()
+
+
 def sample_gumbel_noise(batch_size: int, num_sources: int, device: torch.device) -> torch.Tensor:
     """`[B, S]` float32 standard Gumbel noise from torch's global generator (reproducible under `manual_seed`)."""
     return -torch.empty(batch_size, num_sources, dtype=torch.float32, device=device).exponential_().log()

@@ -26,7 +26,7 @@ from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_
 from .architecture import DecoderMap, map_decoder
 from .config import CCConfig
 from .connection import FIRST_LAYER_INPUT, CrossLingualConnection
-from .decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior
+from .decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior, loss_gradient_prior
 from .generation import generate_with_connection
 
 DECISION_MAKER_KEY = "cc_decision_maker"
@@ -385,7 +385,8 @@ class CCModel(LoraModel):
         loss = sum(0.0 * parameter.sum() for parameter in self.cc_decision_maker[adapter_name].parameters())
         if not choice.reinforce or labels is None or not len(rows):
             return loss
-        row_losses = _row_losses(outputs, labels)[rows]
+        with torch.no_grad():
+            row_losses = _row_losses(outputs, labels)[rows]
         running = self._running_row_loss.get(adapter_name)
         reinforce = choice.reinforce_loss(row_losses, single_row_baseline=running)
         mean = float(row_losses.mean())
@@ -462,68 +463,102 @@ class CCModel(LoraModel):
         :meth:`initialize_decision_maker` before it can train (`decision_maker="variance_reinforce_gated"`)."""
         return (adapter_name or self.active_adapters[0]) in self._decision_makers_to_initialize
 
-    @torch.no_grad()
     def initialize_decision_maker(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Favour, in the active adapter's Decision Maker, the layers whose English activation varies most.
+        """Favour, in the active adapter's Decision Maker, the layers that its strategy's `prior` picks.
 
         The data-dependent start of `decision_maker="variance_reinforce_gated"`, done once before training
         (CCSFTTrainer does it): from each batch, the English activations of the candidate layers and the Decision
-        Maker's input `z` at the anchors are computed without gradients; the Decision Maker's logits are then
-        shifted by the log of each layer's share of the variance of the English activations across the rows
-        (:func:`~peft_cc.decision_maker.english_variance_prior`, :meth:`~peft_cc.decision_maker.DecisionMaker.favour`).
-        Other adapters' Decision Makers are untouched.
+        Maker's input `z` at the anchors are computed without gradients (in eval mode, LoRA as it is); the Decision
+        Maker's logits are then shifted by the log of a prior over the layers
+        (:meth:`~peft_cc.decision_maker.DecisionMaker.favour`). With `VarianceReinforceConfig.prior` at
+        `"english_variance"` (the default) it is each layer's share of the variance of the English activations across
+        the rows (:func:`~peft_cc.decision_maker.english_variance_prior`); with `"loss_gradient"`, each layer's share
+        of how fast a linear read of its activation would lower the loss (:func:`~peft_cc.decision_maker.
+        loss_gradient_prior`), from one more forward and backward pass per batch. Other adapters' Decision Makers are
+        untouched.
 
         Args:
             batches: keyword arguments of training forward calls (`input_ids`, `attention_mask`, `labels`,
                 `english_input_ids`, `english_attention_mask`); at least 2 connected rows in all.
 
         Returns:
-            `[S]` float32, the prior: each candidate layer's share of the variance.
+            `[S]` float32, the prior: each candidate layer's share.
         """
         adapter_name = self.connected_adapter()
         if adapter_name is None:
             raise ValueError("initialize_decision_maker needs the CC-Tuning adapter enabled and active.")
-        activations, summaries = [], []
+        strategy = self.peft_config[adapter_name].variance_reinforce_config
+        by_loss_gradient = strategy is not None and strategy.prior == "loss_gradient"
+        statistics = []
         was_training = self.training
         self.eval()  # no dropout: the activations training starts from
         try:
             for batch in batches:
                 if batch.get("english_input_ids") is None:
                     raise ValueError("initialize_decision_maker needs batches with `english_input_ids`.")
-                english, z = self._english_activations_and_summary(batch, adapter_name)
-                activations.append(english)
-                summaries.append(z)
+                statistics.append(self._initialization_statistics(batch, adapter_name, by_loss_gradient))
         finally:
             self.train(was_training)
-        activations = torch.cat(activations)
+        activations, summaries, gradients = (torch.cat(parts) for parts in zip(*statistics))
         if len(activations) == 0:
             raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
-        log_prior = english_variance_prior(activations.float())
-        self.cc_decision_maker[adapter_name].favour(log_prior, torch.cat(summaries))
+        if by_loss_gradient:
+            log_prior = loss_gradient_prior(activations.float(), gradients)
+        else:
+            log_prior = english_variance_prior(activations.float())
+        self.cc_decision_maker[adapter_name].favour(log_prior, summaries)
         self._decision_makers_to_initialize.discard(adapter_name)
         return log_prior.exp()
 
-    def _english_activations_and_summary(
-        self, batch: dict[str, torch.Tensor], adapter_name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`([B', S, d] English activations, [B', d] Decision Maker inputs z)` of a batch's connected rows."""
+    def _initialization_statistics(
+        self, batch: dict[str, torch.Tensor], adapter_name: str, with_loss_gradients: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`([B', S, d] English activations, [B', d] Decision Maker inputs z, [B', d] or [0] loss gradients)` of a
+        batch's connected rows (:meth:`initialize_decision_maker`); the gradients only `with_loss_gradients`."""
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         anchors = _anchors(input_ids, attention_mask, batch.get("labels"), batch.get("anchor_positions"))
-        rows, english = self.english_activations(
-            input_ids,
-            attention_mask,
-            anchors,
-            batch["english_input_ids"],
-            batch.get("english_attention_mask"),
-            adapter_name,
-        )
-        if not len(rows):
-            return english, english.new_zeros(0, english.shape[-1])
-        captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
-        return english, DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
+        with torch.no_grad():
+            rows, english = self.english_activations(
+                input_ids,
+                attention_mask,
+                anchors,
+                batch["english_input_ids"],
+                batch.get("english_attention_mask"),
+                adapter_name,
+            )
+            if not len(rows):
+                return english, english.new_zeros(0, english.shape[-1]), english.new_zeros(0)
+            captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
+        z = DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
+        if not with_loss_gradients:
+            return english, z, english.new_zeros(0)
+        return english, z, self._loss_gradients_at_anchors(batch, rows, anchors[rows], adapter_name)
+
+    def _loss_gradients_at_anchors(
+        self, batch: dict[str, torch.Tensor], rows: torch.Tensor, anchors: torch.Tensor, adapter_name: str
+    ) -> torch.Tensor:
+        """`[B', d]` float32: the gradient of each row's mean loss over its labels with respect to a vector added to
+        the output of the injection layer at its anchor, with nothing added (the model as training starts).
+
+        Args:
+            batch: a training batch with `labels`.
+            rows: `[B']` the rows to differentiate (the connected ones).
+            anchors: `[B']` the anchor of each of those rows.
+        """
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("The 'loss_gradient' prior needs `labels` in the batches of initialize_decision_maker.")
+        hidden_size = self.model.get_input_embeddings().weight.shape[1]
+        added = torch.zeros(len(rows), hidden_size, device=rows.device, requires_grad=True)
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        layer = self.peft_config[adapter_name].injection_layer
+        with torch.enable_grad(), self.connection(adapter_name).injecting(layer, rows, anchors, lambda _: added):
+            losses = _row_losses(self.model(**inputs), labels)[rows]
+            (gradients,) = torch.autograd.grad(losses.sum(), added)
+        return gradients
 
     # ------------------------------------------------------------------------------------------------ inference
 
@@ -680,9 +715,9 @@ def _anchors(
     return validate_anchors(anchors_from_labels(labels.to(input_ids.device)), attention_mask, seq_len)
 
 
-@torch.no_grad()
 def _row_losses(outputs: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
-    """`[B]` float32 mean next-token cross-entropy of each row over its labels (0 for a row without any).
+    """`[B]` float32 mean next-token cross-entropy of each row over its labels (0 for a row without any), with the
+    autograd graph of `outputs` when gradients are on.
 
     Read from the per-token log-probabilities of TRL's fused LM head (`log_probs`, `label_mask`, `[B, T-1]`) when the
     output has them, otherwise from the `[B, T, V]` logits and the `[B, T]` labels (shifted here, -100 ignored).

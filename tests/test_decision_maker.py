@@ -14,7 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl.trainer.utils import FusedCausalLMOutput
 
 from peft_cc import CCConfig, VarianceReinforceConfig
-from peft_cc.decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior
+from peft_cc.decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior, loss_gradient_prior
 from peft_cc.legacy_config import translate_legacy_fields
 from peft_cc.model import _row_losses
 
@@ -41,7 +41,9 @@ def _initialized_gated_model(**options):
 
 def test_the_default_is_the_paper_and_the_strategy_gets_its_sub_config():
     assert CCConfig().decision_maker == "paper" and CCConfig().variance_reinforce_config is None
-    assert CCConfig(decision_maker=GATED).variance_reinforce_config == VarianceReinforceConfig(0.25, 0.3)
+    assert CCConfig(decision_maker=GATED).variance_reinforce_config == VarianceReinforceConfig(
+        0.25, 0.3, "english_variance"
+    )
     custom = CCConfig(decision_maker=GATED, variance_reinforce_config=VarianceReinforceConfig(gate_init=0.0))
     assert custom.variance_reinforce_config.gate_init == 0.0 and custom.learns_by_reinforce
     with pytest.raises(ValueError, match="variance_reinforce_config.*decision_maker"):
@@ -55,6 +57,7 @@ def test_the_default_is_the_paper_and_the_strategy_gets_its_sub_config():
         ({"decision_maker": GATED, "variance_reinforce_config": {"start_fraction": 1.5}}, "start_fraction"),
         ({"decision_maker": GATED, "variance_reinforce_config": {"start_fraction": True}}, "start_fraction"),
         ({"decision_maker": GATED, "variance_reinforce_config": {"gate_init": float("nan")}}, "gate_init"),
+        ({"decision_maker": GATED, "variance_reinforce_config": {"prior": "uniform"}}, "prior"),
     ],
 )
 def test_invalid_strategy_values_name_their_field(options, field):
@@ -67,7 +70,7 @@ def test_the_strategy_and_its_knobs_round_trip_through_adapter_config_json(tmp_p
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["decision_maker"] == GATED
-    assert saved["variance_reinforce_config"] == {"start_fraction": 0.5, "gate_init": 0.3}
+    assert saved["variance_reinforce_config"] == {"start_fraction": 0.5, "gate_init": 0.3, "prior": "english_variance"}
     loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path, is_trainable=True)
     config = loaded.peft_config["default"]
     assert config.variance_reinforce_config == VarianceReinforceConfig(start_fraction=0.5, gate_init=0.3)
@@ -201,6 +204,82 @@ def test_english_variance_prior_is_each_layers_share_of_the_variance():
         english_variance_prior(activations[:1])
     same = english_variance_prior(torch.ones(4, 3, 2)).exp()  # identical prompts: nothing to favour
     torch.testing.assert_close(same, torch.full((3,), 1 / 3))
+
+
+def test_loss_gradient_prior_favours_the_layer_that_varies_as_the_loss_needs_not_the_one_that_varies_most():
+    generator = torch.Generator().manual_seed(0)
+    gradients = torch.randn(40, 8, generator=generator)
+    activations = torch.empty(40, 3, 8)
+    activations[:, 0] = -0.5 * gradients + 0.1 * torch.randn(40, 8, generator=generator)  # moves with the gradient
+    activations[:, 1] = 10 * torch.randn(40, 8, generator=generator)  # varies most, unrelated to the loss
+    activations[:, 2] = torch.arange(8.0)  # the same for every prompt
+    prior = loss_gradient_prior(activations, gradients).exp()
+    assert prior[0] > 0.9 and prior[2] == pytest.approx(1e-8)
+    assert prior.sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert english_variance_prior(activations).exp()[1] > 0.9  # what the variance start would favour instead
+
+
+def test_loss_gradient_prior_is_the_share_of_the_pairwise_alignment_estimate():
+    generator = torch.Generator().manual_seed(1)
+    activations, gradients = torch.randn(5, 4, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    activations[:, 1] += 2 * gradients  # positive estimates for layer 1 at least
+    centred, gradient = activations - activations.mean(dim=0), gradients - gradients.mean(dim=0)
+    estimate = torch.tensor(
+        [
+            sum(
+                float(gradient[n] @ gradient[m]) * float(centred[n, layer] @ centred[m, layer])
+                for n in range(5)
+                for m in range(5)
+                if n != m
+            )
+            for layer in range(4)
+        ]
+    ).clamp_min(0)
+    torch.testing.assert_close(
+        loss_gradient_prior(activations, gradients).exp(), (estimate / estimate.sum()).clamp_min(1e-8)
+    )
+    same = loss_gradient_prior(activations, torch.ones(5, 3)).exp()  # no gradient varies: nothing to favour
+    torch.testing.assert_close(same, torch.full((4,), 0.25))
+    for bad in (activations[:1], activations[..., :2]):
+        with pytest.raises(ValueError, match="loss-gradient prior"):
+            loss_gradient_prior(bad, gradients[: len(bad)])
+
+
+def test_the_loss_gradient_start_differentiates_each_rows_loss_at_its_anchor():
+    strategy = VarianceReinforceConfig(prior="loss_gradient")
+    model = make_cc_model("llama", decision_maker=GATED, variance_reinforce_config=strategy)
+    randomize_lora_b(model)
+    tuner = cc_tuner(model)
+    batch = _batch()
+    model.eval()
+    rows = torch.arange(len(batch["input_ids"]))
+    anchors = torch.full((len(rows),), 5)  # the position before the first label
+    gradients = tuner._loss_gradients_at_anchors(batch, rows, anchors, "default")
+
+    def row_losses(added: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), tuner.connection().injecting(0, rows, anchors, lambda _: added):
+            return _row_losses(tuner.model(input_ids=batch["input_ids"]), batch["labels"])
+
+    direction = torch.randn(len(rows), gradients.shape[1], generator=torch.Generator().manual_seed(2))
+    step = 1e-3
+    difference = (row_losses(step * direction) - row_losses(-step * direction)) / (2 * step)
+    torch.testing.assert_close(difference, (gradients * direction).sum(dim=-1), rtol=1e-2, atol=1e-4)
+
+    model.train()
+    prior = tuner.initialize_decision_maker([batch])
+    english = tuner.anchor_activations(
+        batch["english_input_ids"],
+        torch.ones_like(batch["english_input_ids"]),
+        rows,
+        torch.full((len(rows),), batch["english_input_ids"].shape[1] - 1),
+        tuner.source_layers(),
+    )
+    torch.testing.assert_close(prior, loss_gradient_prior(english, gradients).exp())
+    assert model.training and not tuner.needs_decision_maker_initialization()
+    assert all(parameter.grad is None for parameter in model.parameters())  # nothing accumulated for the optimizer
+    unlabelled = {key: value for key, value in _batch().items() if key != "labels"}
+    with pytest.raises(ValueError, match="needs `labels`"):
+        tuner.initialize_decision_maker([{**unlabelled, "anchor_positions": anchors}])
 
 
 def test_favour_shifts_the_logits_at_the_mean_input_by_the_centred_prior():
