@@ -52,9 +52,9 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
     "decision_maker_lr_5e-2": ({}, 5e-2),
     # The setting docs/decision_maker.md recommends (not the default, which is the paper's method: see there).
     "recommended": ({"decision_maker": "variance_reinforce_gated"}, None),
-    # The same, starting from the layers whose read would lower the loss fastest rather than the most varying ones.
-    "recommended_loss_gradient_prior": (
-        {"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"prior": "loss_gradient"}},
+    # The same, starting from the layers whose English activation varies as the completions do (not the most varying).
+    "recommended_completion_alignment": (
+        {"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"prior": "completion_alignment"}},
         None,
     ),
 }
@@ -184,7 +184,7 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidate
         "windows": windows,
         "source_layers": sources,
     }
-    if prior is not None:  # the start: each candidate's share of the English variance, or of the loss gradient's read
+    if prior is not None:  # the start: each candidate's share of the English variance, or of the completion alignment
         strategy = model.peft_config["default"].variance_reinforce_config
         result[f"{strategy.prior}_share"] = dict(zip(sources, prior.tolist()))
     if module is not None and module.gate is not None:  # the learned injection gate of each candidate at the end

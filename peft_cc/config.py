@@ -13,7 +13,7 @@ from .registration import cc_peft_type
 
 DecisionMakerStrategy = Literal["paper", "variance_reinforce_gated"]
 DECISION_MAKER_STRATEGIES: tuple[str, ...] = DecisionMakerStrategy.__args__
-DecisionMakerPrior = Literal["english_variance", "loss_gradient"]
+DecisionMakerPrior = Literal["english_variance", "completion_alignment"]
 DECISION_MAKER_PRIORS: tuple[str, ...] = DecisionMakerPrior.__args__
 
 
@@ -52,9 +52,10 @@ class VarianceReinforceConfig:
         metadata={
             "help": (
                 "What the Decision Maker's start favours. 'english_variance': each candidate layer's share of the "
-                "variance of its English activation across training prompts. 'loss_gradient': each layer's share of "
-                "how fast a linear read of its activation would lower the training loss at the start (one backward "
-                "pass per initialisation batch); it needs `labels` in those batches."
+                "variance of its English activation across training prompts. 'completion_alignment': each layer's "
+                "share of the alignment (debiased linear CKA) between its English activation and the completion "
+                "(the mean output embedding of its tokens) across training prompts, which does not depend on the "
+                "activation's scale; it needs `labels` in the initialisation batches."
             )
         },
     )

@@ -26,7 +26,7 @@ from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_
 from .architecture import DecoderMap, map_decoder
 from .config import CCConfig
 from .connection import FIRST_LAYER_INPUT, CrossLingualConnection
-from .decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior, loss_gradient_prior
+from .decision_maker import ConnectionChoice, DecisionMaker, completion_alignment_prior, english_variance_prior
 from .generation import generate_with_connection
 
 DECISION_MAKER_KEY = "cc_decision_maker"
@@ -385,8 +385,7 @@ class CCModel(LoraModel):
         loss = sum(0.0 * parameter.sum() for parameter in self.cc_decision_maker[adapter_name].parameters())
         if not choice.reinforce or labels is None or not len(rows):
             return loss
-        with torch.no_grad():
-            row_losses = _row_losses(outputs, labels)[rows]
+        row_losses = _row_losses(outputs, labels)[rows]
         running = self._running_row_loss.get(adapter_name)
         reinforce = choice.reinforce_loss(row_losses, single_row_baseline=running)
         mean = float(row_losses.mean())
@@ -463,6 +462,7 @@ class CCModel(LoraModel):
         :meth:`initialize_decision_maker` before it can train (`decision_maker="variance_reinforce_gated"`)."""
         return (adapter_name or self.active_adapters[0]) in self._decision_makers_to_initialize
 
+    @torch.no_grad()
     def initialize_decision_maker(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Favour, in the active adapter's Decision Maker, the layers that its strategy's `prior` picks.
 
@@ -472,10 +472,10 @@ class CCModel(LoraModel):
         Maker's logits are then shifted by the log of a prior over the layers
         (:meth:`~peft_cc.decision_maker.DecisionMaker.favour`). With `VarianceReinforceConfig.prior` at
         `"english_variance"` (the default) it is each layer's share of the variance of the English activations across
-        the rows (:func:`~peft_cc.decision_maker.english_variance_prior`); with `"loss_gradient"`, each layer's share
-        of how fast a linear read of its activation would lower the loss (:func:`~peft_cc.decision_maker.
-        loss_gradient_prior`), from one more forward and backward pass per batch. Other adapters' Decision Makers are
-        untouched.
+        the rows (:func:`~peft_cc.decision_maker.english_variance_prior`); with `"completion_alignment"`, each layer's
+        share of the alignment between its English activations and the rows' completions, each the mean output
+        embedding of its label tokens (:func:`~peft_cc.decision_maker.completion_alignment_prior`). Other adapters'
+        Decision Makers are untouched.
 
         Args:
             batches: keyword arguments of training forward calls (`input_ids`, `attention_mask`, `labels`,
@@ -488,7 +488,7 @@ class CCModel(LoraModel):
         if adapter_name is None:
             raise ValueError("initialize_decision_maker needs the CC-Tuning adapter enabled and active.")
         strategy = self.peft_config[adapter_name].variance_reinforce_config
-        by_loss_gradient = strategy is not None and strategy.prior == "loss_gradient"
+        by_completion = strategy is not None and strategy.prior == "completion_alignment"
         statistics = []
         was_training = self.training
         self.eval()  # no dropout: the activations training starts from
@@ -496,14 +496,14 @@ class CCModel(LoraModel):
             for batch in batches:
                 if batch.get("english_input_ids") is None:
                     raise ValueError("initialize_decision_maker needs batches with `english_input_ids`.")
-                statistics.append(self._initialization_statistics(batch, adapter_name, by_loss_gradient))
+                statistics.append(self._initialization_statistics(batch, adapter_name, by_completion))
         finally:
             self.train(was_training)
-        activations, summaries, gradients = (torch.cat(parts) for parts in zip(*statistics))
+        activations, summaries, completions = (torch.cat(parts) for parts in zip(*statistics))
         if len(activations) == 0:
             raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
-        if by_loss_gradient:
-            log_prior = loss_gradient_prior(activations.float(), gradients)
+        if by_completion:
+            log_prior = completion_alignment_prior(activations.float(), completions)
         else:
             log_prior = english_variance_prior(activations.float())
         self.cc_decision_maker[adapter_name].favour(log_prior, summaries)
@@ -511,54 +511,45 @@ class CCModel(LoraModel):
         return log_prior.exp()
 
     def _initialization_statistics(
-        self, batch: dict[str, torch.Tensor], adapter_name: str, with_loss_gradients: bool
+        self, batch: dict[str, torch.Tensor], adapter_name: str, with_completions: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`([B', S, d] English activations, [B', d] Decision Maker inputs z, [B', d] or [0] loss gradients)` of a
-        batch's connected rows (:meth:`initialize_decision_maker`); the gradients only `with_loss_gradients`."""
+        """`([B', S, d] English activations, [B', d] Decision Maker inputs z, [B', d] or [0] completions)` of a batch's
+        connected rows (:meth:`initialize_decision_maker`); a completion is the mean output embedding of the row's
+        label tokens, only `with_completions`."""
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         anchors = _anchors(input_ids, attention_mask, batch.get("labels"), batch.get("anchor_positions"))
-        with torch.no_grad():
-            rows, english = self.english_activations(
-                input_ids,
-                attention_mask,
-                anchors,
-                batch["english_input_ids"],
-                batch.get("english_attention_mask"),
-                adapter_name,
-            )
-            if not len(rows):
-                return english, english.new_zeros(0, english.shape[-1]), english.new_zeros(0)
-            captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
+        rows, english = self.english_activations(
+            input_ids,
+            attention_mask,
+            anchors,
+            batch["english_input_ids"],
+            batch.get("english_attention_mask"),
+            adapter_name,
+        )
+        if not len(rows):
+            return english, english.new_zeros(0, english.shape[-1]), english.new_zeros(0, english.shape[-1])
+        captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
         z = DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
-        if not with_loss_gradients:
-            return english, z, english.new_zeros(0)
-        return english, z, self._loss_gradients_at_anchors(batch, rows, anchors[rows], adapter_name)
+        if not with_completions:
+            return english, z, english.new_zeros(0, english.shape[-1])
+        return english, z, self._completion_embeddings(batch.get("labels"), rows)
 
-    def _loss_gradients_at_anchors(
-        self, batch: dict[str, torch.Tensor], rows: torch.Tensor, anchors: torch.Tensor, adapter_name: str
-    ) -> torch.Tensor:
-        """`[B', d]` float32: the gradient of each row's mean loss over its labels with respect to a vector added to
-        the output of the injection layer at its anchor, with nothing added (the model as training starts).
-
-        Args:
-            batch: a training batch with `labels`.
-            rows: `[B']` the rows to differentiate (the connected ones).
-            anchors: `[B']` the anchor of each of those rows.
-        """
-        labels = batch.get("labels")
+    def _completion_embeddings(self, labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """`[B', d]` float32: the mean output embedding (the LM head's row) of the label tokens of each of `rows`."""
         if labels is None:
-            raise ValueError("The 'loss_gradient' prior needs `labels` in the batches of initialize_decision_maker.")
-        hidden_size = self.model.get_input_embeddings().weight.shape[1]
-        added = torch.zeros(len(rows), hidden_size, device=rows.device, requires_grad=True)
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-        layer = self.peft_config[adapter_name].injection_layer
-        with torch.enable_grad(), self.connection(adapter_name).injecting(layer, rows, anchors, lambda _: added):
-            losses = _row_losses(self.model(**inputs), labels)[rows]
-            (gradients,) = torch.autograd.grad(losses.sum(), added)
-        return gradients
+            raise ValueError(
+                "The 'completion_alignment' prior needs `labels` in the batches of initialize_decision_maker."
+            )
+        weight = (self.model.get_output_embeddings() or self.model.get_input_embeddings()).weight
+        labels = labels[rows].to(weight.device)
+        supervised = labels != -100
+        row, position = supervised.nonzero(as_tuple=True)
+        sums = weight.new_zeros(len(rows), weight.shape[1], dtype=torch.float32)
+        sums.index_add_(0, row, weight[labels[row, position]].float())
+        return sums / supervised.sum(dim=1, keepdim=True).clamp_min(1)
 
     # ------------------------------------------------------------------------------------------------ inference
 
@@ -715,9 +706,9 @@ def _anchors(
     return validate_anchors(anchors_from_labels(labels.to(input_ids.device)), attention_mask, seq_len)
 
 
+@torch.no_grad()
 def _row_losses(outputs: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
-    """`[B]` float32 mean next-token cross-entropy of each row over its labels (0 for a row without any), with the
-    autograd graph of `outputs` when gradients are on.
+    """`[B]` float32 mean next-token cross-entropy of each row over its labels (0 for a row without any).
 
     Read from the per-token log-probabilities of TRL's fused LM head (`log_probs`, `label_mask`, `[B, T-1]`) when the
     output has them, otherwise from the `[B, T, V]` logits and the `[B, T]` labels (shifted here, -100 ignored).

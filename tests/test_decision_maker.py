@@ -14,7 +14,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl.trainer.utils import FusedCausalLMOutput
 
 from peft_cc import CCConfig, VarianceReinforceConfig
-from peft_cc.decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior, loss_gradient_prior
+from peft_cc.decision_maker import (
+    ConnectionChoice,
+    DecisionMaker,
+    completion_alignment,
+    completion_alignment_prior,
+    english_variance_prior,
+)
 from peft_cc.legacy_config import translate_legacy_fields
 from peft_cc.model import _row_losses
 
@@ -206,78 +212,53 @@ def test_english_variance_prior_is_each_layers_share_of_the_variance():
     torch.testing.assert_close(same, torch.full((3,), 1 / 3))
 
 
-def test_loss_gradient_prior_favours_the_layer_that_varies_as_the_loss_needs_not_the_one_that_varies_most():
+def test_completion_alignment_prior_favours_the_layer_that_varies_as_the_completions_not_the_one_that_varies_most():
     generator = torch.Generator().manual_seed(0)
-    gradients = torch.randn(40, 8, generator=generator)
-    activations = torch.empty(40, 3, 8)
-    activations[:, 0] = -0.5 * gradients + 0.1 * torch.randn(40, 8, generator=generator)  # moves with the gradient
-    activations[:, 1] = 10 * torch.randn(40, 8, generator=generator)  # varies most, unrelated to the loss
-    activations[:, 2] = torch.arange(8.0)  # the same for every prompt
-    prior = loss_gradient_prior(activations, gradients).exp()
-    assert prior[0] > 0.9 and prior[2] == pytest.approx(1e-8)
-    assert prior.sum().item() == pytest.approx(1.0, rel=1e-5)
-    assert english_variance_prior(activations).exp()[1] > 0.9  # what the variance start would favour instead
-
-
-def test_loss_gradient_prior_is_the_share_of_the_pairwise_alignment_estimate():
-    generator = torch.Generator().manual_seed(1)
-    activations, gradients = torch.randn(5, 4, 3, generator=generator), torch.randn(5, 3, generator=generator)
-    activations[:, 1] += 2 * gradients  # positive estimates for layer 1 at least
-    centred, gradient = activations - activations.mean(dim=0), gradients - gradients.mean(dim=0)
-    estimate = torch.tensor(
-        [
-            sum(
-                float(gradient[n] @ gradient[m]) * float(centred[n, layer] @ centred[m, layer])
-                for n in range(5)
-                for m in range(5)
-                if n != m
-            )
-            for layer in range(4)
-        ]
-    ).clamp_min(0)
-    torch.testing.assert_close(
-        loss_gradient_prior(activations, gradients).exp(), (estimate / estimate.sum()).clamp_min(1e-8)
-    )
-    same = loss_gradient_prior(activations, torch.ones(5, 3)).exp()  # no gradient varies: nothing to favour
+    completions = torch.randn(40, 6, generator=generator)
+    activations = torch.empty(40, 4, 8)
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=generator))[0][:6]  # [6, 8] orthonormal rows
+    activations[:, 0] = 0.01 * completions @ rotation  # small, and a rotation of the completions
+    activations[:, 1] = 0.01 * completions @ rotation + 0.01 * torch.randn(40, 8, generator=generator)
+    activations[:, 2] = 10 * torch.randn(40, 8, generator=generator)  # varies most, unrelated to the completions
+    activations[:, 3] = torch.arange(8.0)  # the same for every prompt
+    alignment = completion_alignment(activations, completions)
+    assert alignment[0].item() == pytest.approx(1.0, abs=1e-4)  # a rotation and rescaling of the completions
+    assert 0.3 < alignment[1] < 0.95 and abs(alignment[2]) < 0.1 and alignment[3] == 0
+    scaled = activations.clone()
+    scaled[:, 1] *= 1000.0
+    torch.testing.assert_close(completion_alignment(scaled, completions), alignment)  # the scale does not matter
+    prior = completion_alignment_prior(activations, completions).exp()
+    positive = alignment.clamp_min(0)
+    torch.testing.assert_close(prior, (positive / positive.sum()).clamp_min(1e-8))
+    assert prior[0] > prior[1] > 5 * prior[2] and prior[3] == pytest.approx(1e-8)
+    assert english_variance_prior(activations).exp()[2] > 0.99  # what the variance start favours instead
+    same = completion_alignment_prior(activations, torch.ones(40, 6)).exp()  # one completion: nothing to favour
     torch.testing.assert_close(same, torch.full((4,), 0.25))
-    for bad in (activations[:1], activations[..., :2]):
-        with pytest.raises(ValueError, match="loss-gradient prior"):
-            loss_gradient_prior(bad, gradients[: len(bad)])
+    for bad_activations, bad_completions in ((activations[:3], completions[:3]), (activations, completions[:39])):
+        with pytest.raises(ValueError, match="at least 4 prompts and one completion per prompt"):
+            completion_alignment(bad_activations, bad_completions)
 
 
-def test_the_loss_gradient_start_differentiates_each_rows_loss_at_its_anchor():
-    strategy = VarianceReinforceConfig(prior="loss_gradient")
+def test_the_completion_alignment_start_compares_english_activations_with_the_labels_output_embeddings():
+    strategy = VarianceReinforceConfig(prior="completion_alignment")
     model = make_cc_model("llama", decision_maker=GATED, variance_reinforce_config=strategy)
-    randomize_lora_b(model)
     tuner = cc_tuner(model)
-    batch = _batch()
+    batches = [_batch(seed=0), _batch(seed=1)]
+    prior = tuner.initialize_decision_maker(batches)
+
+    english = torch.cat([batch["english_input_ids"] for batch in batches])
+    rows = torch.arange(len(english))
     model.eval()
-    rows = torch.arange(len(batch["input_ids"]))
-    anchors = torch.full((len(rows),), 5)  # the position before the first label
-    gradients = tuner._loss_gradients_at_anchors(batch, rows, anchors, "default")
-
-    def row_losses(added: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), tuner.connection().injecting(0, rows, anchors, lambda _: added):
-            return _row_losses(tuner.model(input_ids=batch["input_ids"]), batch["labels"])
-
-    direction = torch.randn(len(rows), gradients.shape[1], generator=torch.Generator().manual_seed(2))
-    step = 1e-3
-    difference = (row_losses(step * direction) - row_losses(-step * direction)) / (2 * step)
-    torch.testing.assert_close(difference, (gradients * direction).sum(dim=-1), rtol=1e-2, atol=1e-4)
-
-    model.train()
-    prior = tuner.initialize_decision_maker([batch])
-    english = tuner.anchor_activations(
-        batch["english_input_ids"],
-        torch.ones_like(batch["english_input_ids"]),
-        rows,
-        torch.full((len(rows),), batch["english_input_ids"].shape[1] - 1),
-        tuner.source_layers(),
+    activations = tuner.anchor_activations(
+        english, torch.ones_like(english), rows, torch.full((len(rows),), english.shape[1] - 1), tuner.source_layers()
     )
-    torch.testing.assert_close(prior, loss_gradient_prior(english, gradients).exp())
+    model.train()
+    labels = torch.cat([batch["labels"][:, 6:] for batch in batches])  # every row's 4 label tokens
+    completions = model.get_output_embeddings().weight[labels].mean(dim=1)
+    torch.testing.assert_close(prior, completion_alignment_prior(activations, completions).exp())
     assert model.training and not tuner.needs_decision_maker_initialization()
-    assert all(parameter.grad is None for parameter in model.parameters())  # nothing accumulated for the optimizer
     unlabelled = {key: value for key, value in _batch().items() if key != "labels"}
+    anchors = torch.full((len(unlabelled["input_ids"]),), 5)
     with pytest.raises(ValueError, match="needs `labels`"):
         tuner.initialize_decision_maker([{**unlabelled, "anchor_positions": anchors}])
 
