@@ -57,6 +57,15 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
         {"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"prior": "completion_alignment"}},
         None,
     ),
+    # The same, with every layer's gate starting so that its injection is 10 times the residual stream's norm (the
+    # ratio that gate_init=0.3 gives layer 29 of SmolLM2-135M), rather than at 0.3 of its raw activation.
+    "recommended_completion_alignment_gate_ratio": (
+        {
+            "decision_maker": "variance_reinforce_gated",
+            "variance_reinforce_config": {"prior": "completion_alignment", "gate_init_ratio": 10.0},
+        },
+        None,
+    ),
 }
 FORCED = re.compile(r"forced_(-?\d+)")
 
@@ -140,6 +149,7 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidate
     select = without_english if options is None else (lambda batch: batch)
     module = model.base_model.decision_maker() if options is not None else None
     decision_maker = list(module.parameters()) if module is not None else []  # its weight, and a gate if it has one
+    gate_start = module.gate.tolist() if module is not None and module.gate is not None else None
     connection = {id(p) for p in decision_maker}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in connection]}]
     if decision_maker:
@@ -187,7 +197,8 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidate
     if prior is not None:  # the start: each candidate's share of the English variance, or of the completion alignment
         strategy = model.peft_config["default"].variance_reinforce_config
         result[f"{strategy.prior}_share"] = dict(zip(sources, prior.tolist()))
-    if module is not None and module.gate is not None:  # the learned injection gate of each candidate at the end
+    if module is not None and module.gate is not None:  # the learned injection gate of each candidate, start and end
+        result["injection_gate_start"] = dict(zip(sources, gate_start))
         result["injection_gate"] = dict(zip(sources, module.gate.tolist()))
     return result
 

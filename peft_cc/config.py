@@ -47,6 +47,16 @@ class VarianceReinforceConfig:
             )
         },
     )
+    gate_init_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "If set (> 0), each candidate layer's gate starts, instead of at `gate_init`, so that its injection "
+                "has this ratio to the norm of the residual stream it is added to, both measured as mean norms at the "
+                "anchors of the initialisation batches."
+            )
+        },
+    )
     prior: DecisionMakerPrior = field(
         default="english_variance",
         metadata={
@@ -69,6 +79,9 @@ class VarianceReinforceConfig:
             )
         if not _is_number(self.gate_init) or not math.isfinite(self.gate_init):
             raise ValueError(f"`gate_init` must be a finite number, got {self.gate_init!r}.")
+        ratio = self.gate_init_ratio
+        if ratio is not None and not (_is_number(ratio) and math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"`gate_init_ratio` must be a finite number > 0 or None, got {ratio!r}.")
 
 
 @dataclass

@@ -499,23 +499,31 @@ class CCModel(LoraModel):
                 statistics.append(self._initialization_statistics(batch, adapter_name, by_completion))
         finally:
             self.train(was_training)
-        activations, summaries, completions = (torch.cat(parts) for parts in zip(*statistics))
+        activations, summaries, completions, residual_norms = (torch.cat(parts) for parts in zip(*statistics))
         if len(activations) == 0:
             raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
         if by_completion:
             log_prior = completion_alignment_prior(activations.float(), completions)
         else:
             log_prior = english_variance_prior(activations.float())
-        self.cc_decision_maker[adapter_name].favour(log_prior, summaries)
+        decision_maker = self.cc_decision_maker[adapter_name]
+        decision_maker.favour(log_prior, summaries)
+        if strategy is not None and strategy.gate_init_ratio is not None:
+            # Each layer's injection at `gate_init_ratio` times the residual stream's norm (mean norms at the anchors).
+            activation_norms = activations.float().norm(dim=-1).mean(dim=0).clamp_min(1e-12)
+            decision_maker.gate.copy_(strategy.gate_init_ratio * residual_norms.mean() / activation_norms)
         self._decision_makers_to_initialize.discard(adapter_name)
         return log_prior.exp()
 
     def _initialization_statistics(
         self, batch: dict[str, torch.Tensor], adapter_name: str, with_completions: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`([B', S, d] English activations, [B', d] Decision Maker inputs z, [B', d] or [0] completions)` of a batch's
-        connected rows (:meth:`initialize_decision_maker`); a completion is the mean output embedding of the row's
-        label tokens, only `with_completions`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`([B', S, d] English activations, [B', d] Decision Maker inputs z, [B', d] or [0, d] completions, [B']
+        residual norms)` of a batch's connected rows (:meth:`initialize_decision_maker`).
+
+        A completion is the mean output embedding of the row's label tokens (only `with_completions`); a residual norm
+        is that of the output of the injection layer at the row's anchor, where the connection adds its vector.
+        """
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
@@ -530,12 +538,25 @@ class CCModel(LoraModel):
             adapter_name,
         )
         if not len(rows):
-            return english, english.new_zeros(0, english.shape[-1]), english.new_zeros(0, english.shape[-1])
-        captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
+            empty = english.new_zeros(0, english.shape[-1])
+            return english, empty, empty, english.new_zeros(0)
+        residual_norms = []
+        injection_layer = self.decoder(adapter_name).layers[self.peft_config[adapter_name].injection_layer]
+        positions = (torch.arange(len(rows), device=rows.device), anchors[rows])
+        handle = injection_layer.register_forward_hook(
+            lambda module, args, output: residual_norms.append(
+                (output[0] if isinstance(output, tuple) else output)[positions].float().norm(dim=-1)
+            )
+        )
+        try:
+            captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
+        finally:
+            handle.remove()
         z = DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
-        if not with_completions:
-            return english, z, english.new_zeros(0, english.shape[-1])
-        return english, z, self._completion_embeddings(batch.get("labels"), rows)
+        completions = english.new_zeros(0, english.shape[-1])
+        if with_completions:
+            completions = self._completion_embeddings(batch.get("labels"), rows)
+        return english, z, completions, residual_norms[0]
 
     def _completion_embeddings(self, labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
         """`[B', d]` float32: the mean output embedding (the LM head's row) of the label tokens of each of `rows`."""

@@ -48,7 +48,7 @@ def _initialized_gated_model(**options):
 def test_the_default_is_the_paper_and_the_strategy_gets_its_sub_config():
     assert CCConfig().decision_maker == "paper" and CCConfig().variance_reinforce_config is None
     assert CCConfig(decision_maker=GATED).variance_reinforce_config == VarianceReinforceConfig(
-        0.25, 0.3, "english_variance"
+        start_fraction=0.25, gate_init=0.3, gate_init_ratio=None, prior="english_variance"
     )
     custom = CCConfig(decision_maker=GATED, variance_reinforce_config=VarianceReinforceConfig(gate_init=0.0))
     assert custom.variance_reinforce_config.gate_init == 0.0 and custom.learns_by_reinforce
@@ -76,7 +76,12 @@ def test_the_strategy_and_its_knobs_round_trip_through_adapter_config_json(tmp_p
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["decision_maker"] == GATED
-    assert saved["variance_reinforce_config"] == {"start_fraction": 0.5, "gate_init": 0.3, "prior": "english_variance"}
+    assert saved["variance_reinforce_config"] == {
+        "start_fraction": 0.5,
+        "gate_init": 0.3,
+        "gate_init_ratio": None,
+        "prior": "english_variance",
+    }
     loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path, is_trainable=True)
     config = loaded.peft_config["default"]
     assert config.variance_reinforce_config == VarianceReinforceConfig(start_fraction=0.5, gate_init=0.3)
@@ -261,6 +266,29 @@ def test_the_completion_alignment_start_compares_english_activations_with_the_la
     anchors = torch.full((len(unlabelled["input_ids"]),), 5)
     with pytest.raises(ValueError, match="needs `labels`"):
         tuner.initialize_decision_maker([{**unlabelled, "anchor_positions": anchors}])
+
+
+def test_a_gate_init_ratio_starts_every_layers_injection_at_that_ratio_to_the_residual_stream():
+    strategy = VarianceReinforceConfig(gate_init_ratio=10.0)
+    model = make_cc_model("llama", decision_maker=GATED, variance_reinforce_config=strategy)
+    tuner = cc_tuner(model)
+    batch = _batch()
+    model.eval()
+    rows = torch.arange(len(batch["input_ids"]))
+    english = batch["english_input_ids"]
+    activations = tuner.anchor_activations(
+        english, torch.ones_like(english), rows, torch.full((len(rows),), english.shape[1] - 1), tuner.source_layers()
+    )
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1]  # after layer 0
+    residual_norm = hidden[rows, 5].norm(dim=-1).mean()  # at the anchors, before the first label
+    model.train()
+    tuner.initialize_decision_maker([batch])
+    gate = tuner.decision_maker().gate.detach()
+    torch.testing.assert_close(gate * activations.norm(dim=-1).mean(dim=0), 10.0 * residual_norm.expand(len(gate)))
+    assert len(set(gate.tolist())) == len(gate)  # one start per layer, unlike gate_init
+    with pytest.raises(ValueError, match="gate_init_ratio"):
+        VarianceReinforceConfig(gate_init_ratio=0.0)
 
 
 def test_favour_shifts_the_logits_at_the_mean_input_by_the_centred_prior():
