@@ -160,8 +160,9 @@ class CCConfig(LoraConfig):
                 "How the Decision Maker starts and learns. 'paper': normal initialisation (std "
                 "`initializer_range`) and the straight-through gradient of the Gumbel-Softmax sample. "
                 "'variance_reinforce_gated' (recommended in docs/decision_maker.md): starts favouring the layers "
-                "whose English activation varies most across training prompts (the trainer computes this from "
-                "training examples; without it, call `CCModel.initialize_decision_maker`), learns by REINFORCE "
+                "whose English activation varies most across training prompts, by default (see "
+                "`variance_reinforce_config.prior`; the trainer computes this from training examples; without it, "
+                "call `CCModel.initialize_decision_maker`), learns by REINFORCE "
                 "after `variance_reinforce_config.start_fraction` of training, and scales the injection by a "
                 "learned gate per layer. Its forward returns `decision_maker_loss`, which the caller adds to the loss."
             )
@@ -171,8 +172,8 @@ class CCConfig(LoraConfig):
         default=None,
         metadata={
             "help": (
-                "The knobs of decision_maker='variance_reinforce_gated' (start_fraction, gate_init); None uses "
-                "their defaults."
+                "The knobs of decision_maker='variance_reinforce_gated' (start_fraction, gate_init, gate_init_ratio, "
+                "prior); None uses their defaults."
             )
         },
     )
