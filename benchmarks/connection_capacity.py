@@ -52,6 +52,20 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
     "decision_maker_lr_5e-2": ({}, 5e-2),
     # The setting docs/decision_maker.md recommends (not the default, which is the paper's method: see there).
     "recommended": ({"decision_maker": "variance_reinforce_gated"}, None),
+    # The same, starting from the layers whose English activation varies as the completions do (not the most varying).
+    "recommended_completion_alignment": (
+        {"decision_maker": "variance_reinforce_gated", "variance_reinforce_config": {"prior": "completion_alignment"}},
+        None,
+    ),
+    # The same, with every layer's gate starting so that its injection is 10 times the residual stream's norm (the
+    # ratio that gate_init=0.3 gives layer 29 of SmolLM2-135M), rather than at 0.3 of its raw activation.
+    "recommended_completion_alignment_gate_ratio": (
+        {
+            "decision_maker": "variance_reinforce_gated",
+            "variance_reinforce_config": {"prior": "completion_alignment", "gate_init_ratio": 10.0},
+        },
+        None,
+    ),
 }
 FORCED = re.compile(r"forced_(-?\d+)")
 
@@ -119,7 +133,7 @@ def entropy(counts: Counter) -> float:
 
 def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidates: list[int] | None) -> dict:
     options, decision_maker_lr = arm_settings(name)
-    variance_share = None
+    prior = None
     torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if options is None:
@@ -131,10 +145,11 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidate
         if model.base_model.needs_decision_maker_initialization():
             # From the first batches of the run, as CCSFTTrainer does (its default: 64 examples).
             first = itertools.islice(training_batches(tokenizer, args.batch_size), max(1, 64 // args.batch_size))
-            variance_share = model.base_model.initialize_decision_maker(first)
+            prior = model.base_model.initialize_decision_maker(first)
     select = without_english if options is None else (lambda batch: batch)
     module = model.base_model.decision_maker() if options is not None else None
     decision_maker = list(module.parameters()) if module is not None else []  # its weight, and a gate if it has one
+    gate_start = module.gate.tolist() if module is not None and module.gate is not None else None
     connection = {id(p) for p in decision_maker}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in connection]}]
     if decision_maker:
@@ -179,9 +194,11 @@ def run_arm(name: str, path: str, tokenizer, args: argparse.Namespace, candidate
         "windows": windows,
         "source_layers": sources,
     }
-    if variance_share is not None:  # each candidate's share of the English activations' variance (the start)
-        result["english_variance_share"] = dict(zip(sources, variance_share.tolist()))
-    if module is not None and module.gate is not None:  # the learned injection gate of each candidate at the end
+    if prior is not None:  # the start: each candidate's share of the English variance, or of the completion alignment
+        strategy = model.peft_config["default"].variance_reinforce_config
+        result[f"{strategy.prior}_share"] = dict(zip(sources, prior.tolist()))
+    if module is not None and module.gate is not None:  # the learned injection gate of each candidate, start and end
+        result["injection_gate_start"] = dict(zip(sources, gate_start))
         result["injection_gate"] = dict(zip(sources, module.gate.tolist()))
     return result
 

@@ -77,7 +77,8 @@ def initialize_decision_maker_from_training_data(trainer: CCSFTTrainer) -> torch
     state is as it was. With several processes, process 0's Decision Maker is broadcast to the others.
 
     Returns:
-        `[S]` float32, the prior over the candidate source layers (each layer's share of the English variance).
+        `[S]` float32, the prior over the candidate source layers (each layer's share; see
+        `VarianceReinforceConfig.prior`).
     """
     with torch.random.fork_rng(devices=[]):
         batches = list(_first_training_batches(trainer, trainer.args.decision_maker_init_examples))

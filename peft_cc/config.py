@@ -13,18 +13,20 @@ from .registration import cc_peft_type
 
 DecisionMakerStrategy = Literal["paper", "variance_reinforce_gated"]
 DECISION_MAKER_STRATEGIES: tuple[str, ...] = DecisionMakerStrategy.__args__
+DecisionMakerPrior = Literal["english_variance", "completion_alignment"]
+DECISION_MAKER_PRIORS: tuple[str, ...] = DecisionMakerPrior.__args__
 
 
 @dataclass
 class VarianceReinforceConfig:
     """The knobs of the `"variance_reinforce_gated"` Decision Maker (see `docs/decision_maker.md`).
 
-    The strategy starts the Decision Maker favouring the candidate layers whose English activation varies most across
-    training prompts (computed from training examples before the first step). For the first `start_fraction` of
-    training its sampled choice is applied but not learned, while LoRA learns to read the injected activations; then
-    it learns by REINFORCE: each row's loss, compared with the other rows' of the batch, rewards the layer that row
-    injected. A learned gate
-    per candidate layer, starting at `gate_init`, scales the injected activation.
+    The strategy starts the Decision Maker favouring some candidate layers, by a prior computed from training examples
+    before the first step (`prior`; by default the layers whose English activation varies most across the prompts).
+    For the first `start_fraction` of training its sampled choice is applied but not learned, while LoRA learns to read
+    the injected activations; then it learns by REINFORCE: each row's loss, compared with the other rows' of the batch,
+    rewards the layer that row injected. A learned gate per candidate layer, starting at `gate_init`, scales the
+    injected activation.
     """
 
     start_fraction: float = field(
@@ -45,12 +47,41 @@ class VarianceReinforceConfig:
             )
         },
     )
+    gate_init_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "If set (> 0), each candidate layer's gate starts, instead of at `gate_init`, so that its injection "
+                "has this ratio to the norm of the residual stream it is added to, both measured as mean norms at the "
+                "anchors of the initialisation batches."
+            )
+        },
+    )
+    prior: DecisionMakerPrior = field(
+        default="english_variance",
+        metadata={
+            "help": (
+                "What the Decision Maker's start favours. 'english_variance': each candidate layer's share of the "
+                "variance of its English activation across training prompts. 'completion_alignment': each layer's "
+                "share of the alignment (debiased linear CKA) between its English activation and the completion "
+                "(the mean output embedding of its tokens) across training prompts, which does not depend on the "
+                "activation's scale; it needs `labels` in the initialisation batches."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if not _is_number(self.start_fraction) or not 0 <= self.start_fraction <= 1:
             raise ValueError(f"`start_fraction` must lie in [0, 1], got {self.start_fraction!r}.")
+        if self.prior not in DECISION_MAKER_PRIORS:
+            raise ValueError(
+                f"`prior` must be one of {', '.join(map(repr, DECISION_MAKER_PRIORS))}, got {self.prior!r}."
+            )
         if not _is_number(self.gate_init) or not math.isfinite(self.gate_init):
             raise ValueError(f"`gate_init` must be a finite number, got {self.gate_init!r}.")
+        ratio = self.gate_init_ratio
+        if ratio is not None and not (_is_number(ratio) and math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"`gate_init_ratio` must be a finite number > 0 or None, got {ratio!r}.")
 
 
 @dataclass
@@ -129,8 +160,9 @@ class CCConfig(LoraConfig):
                 "How the Decision Maker starts and learns. 'paper': normal initialisation (std "
                 "`initializer_range`) and the straight-through gradient of the Gumbel-Softmax sample. "
                 "'variance_reinforce_gated' (recommended in docs/decision_maker.md): starts favouring the layers "
-                "whose English activation varies most across training prompts (the trainer computes this from "
-                "training examples; without it, call `CCModel.initialize_decision_maker`), learns by REINFORCE "
+                "whose English activation varies most across training prompts, by default (see "
+                "`variance_reinforce_config.prior`; the trainer computes this from training examples; without it, "
+                "call `CCModel.initialize_decision_maker`), learns by REINFORCE "
                 "after `variance_reinforce_config.start_fraction` of training, and scales the injection by a "
                 "learned gate per layer. Its forward returns `decision_maker_loss`, which the caller adds to the loss."
             )
@@ -140,8 +172,8 @@ class CCConfig(LoraConfig):
         default=None,
         metadata={
             "help": (
-                "The knobs of decision_maker='variance_reinforce_gated' (start_fraction, gate_init); None uses "
-                "their defaults."
+                "The knobs of decision_maker='variance_reinforce_gated' (start_fraction, gate_init, gate_init_ratio, "
+                "prior); None uses their defaults."
             )
         },
     )

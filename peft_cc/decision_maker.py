@@ -117,6 +117,66 @@ def english_variance_prior(source_activations: torch.Tensor) -> torch.Tensor:
     return (variance / variance.sum()).clamp_min(1e-8).log()
 
 
+def completion_alignment(source_activations: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """How much each source layer's activation varies across prompts as their completions do: debiased linear CKA.
+
+    For each layer, the centred kernel alignment between the Gram matrices `K_l = e_l e_lᵀ` (`[N, N]`, the
+    activations of the `N` prompts) and `L = y yᵀ` (the completions' representations),
+    `HSIC(K_l, L) / sqrt(HSIC(K_l, K_l) HSIC(L, L))`, with the unbiased HSIC estimator of Song et al. (2012): about 0
+    for a layer whose activation is unrelated to the completion, whatever its scale, and 1 for one that is a rotation
+    and rescaling of `y`. It does not depend on the activations' norm, so it does not presume that variance means
+    information.
+
+    Args:
+        source_activations: `[N, S, d]` English activations of `N` prompts at the anchor (`N ≥ 4`).
+        completions: `[N, d_y]` a representation of each prompt's completion (e.g. the mean output embedding of its
+            tokens).
+
+    Returns:
+        `[S]` float32 alignments (≤ 1; 0 for a layer or completions that do not vary).
+    """
+    rows = source_activations.shape[0]
+    if rows < 4 or completions.shape[0] != rows:
+        raise ValueError(
+            f"The completion alignment needs at least 4 prompts and one completion per prompt, got activations "
+            f"{tuple(source_activations.shape)} and completions {tuple(completions.shape)}."
+        )
+    activations = source_activations.float()
+    layer_gram = torch.einsum("nsd,msd->snm", activations, activations)  # [S, N, N]
+    completion_gram = completions.float() @ completions.float().T  # [N, N]
+    cross = _unbiased_hsic(layer_gram, completion_gram)
+    scale = (_unbiased_hsic(layer_gram, layer_gram) * _unbiased_hsic(completion_gram, completion_gram)).clamp_min(0)
+    return torch.where(scale > 0, cross / scale.sqrt(), torch.zeros_like(cross))
+
+
+def _unbiased_hsic(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC estimator (Song et al., 2012) of `[..., N, N]` and `[..., N, N]` Gram matrices (`N ≥ 4`)."""
+    n = first.shape[-1]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=first.device)
+    first, second = first * off_diagonal, second * off_diagonal
+    trace = (first * second).sum(dim=(-2, -1))
+    totals = first.sum(dim=(-2, -1)) * second.sum(dim=(-2, -1)) / ((n - 1) * (n - 2))
+    row_sums = (first.sum(dim=-1) * second.sum(dim=-1)).sum(dim=-1)
+    return (trace + totals - 2 * row_sums / (n - 2)) / (n * (n - 3))
+
+
+def completion_alignment_prior(source_activations: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """Each source layer's share of the positive :func:`completion_alignment`, as a log-probability.
+
+    Args:
+        source_activations: `[N, S, d]` English activations of `N` prompts at the anchor (`N ≥ 4`).
+        completions: `[N, d_y]` a representation of each prompt's completion.
+
+    Returns:
+        `[S]` float32 log of each layer's share, floored at `log(1e-8)` (a layer not aligned at all); uniform when no
+        layer is.
+    """
+    alignment = completion_alignment(source_activations, completions).clamp_min(0)
+    if not alignment.sum() > 0:  # no layer varies as the completions do: no layer is favoured
+        return torch.full_like(alignment, -math.log(len(alignment)))
+    return (alignment / alignment.sum()).clamp_min(1e-8).log()
+
+
 def sample_gumbel_noise(batch_size: int, num_sources: int, device: torch.device) -> torch.Tensor:
     """`[B, S]` float32 standard Gumbel noise from torch's global generator (reproducible under `manual_seed`)."""
     return -torch.empty(batch_size, num_sources, dtype=torch.float32, device=device).exponential_().log()

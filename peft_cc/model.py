@@ -26,7 +26,7 @@ from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_
 from .architecture import DecoderMap, map_decoder
 from .config import CCConfig
 from .connection import FIRST_LAYER_INPUT, CrossLingualConnection
-from .decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior
+from .decision_maker import ConnectionChoice, DecisionMaker, completion_alignment_prior, english_variance_prior
 from .generation import generate_with_connection
 
 DECISION_MAKER_KEY = "cc_decision_maker"
@@ -464,49 +464,66 @@ class CCModel(LoraModel):
 
     @torch.no_grad()
     def initialize_decision_maker(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Favour, in the active adapter's Decision Maker, the layers whose English activation varies most.
+        """Favour, in the active adapter's Decision Maker, the layers that its strategy's `prior` picks.
 
         The data-dependent start of `decision_maker="variance_reinforce_gated"`, done once before training
         (CCSFTTrainer does it): from each batch, the English activations of the candidate layers and the Decision
-        Maker's input `z` at the anchors are computed without gradients; the Decision Maker's logits are then
-        shifted by the log of each layer's share of the variance of the English activations across the rows
-        (:func:`~peft_cc.decision_maker.english_variance_prior`, :meth:`~peft_cc.decision_maker.DecisionMaker.favour`).
-        Other adapters' Decision Makers are untouched.
+        Maker's input `z` at the anchors are computed without gradients (in eval mode, LoRA as it is); the Decision
+        Maker's logits are then shifted by the log of a prior over the layers
+        (:meth:`~peft_cc.decision_maker.DecisionMaker.favour`). With `VarianceReinforceConfig.prior` at
+        `"english_variance"` (the default) it is each layer's share of the variance of the English activations across
+        the rows (:func:`~peft_cc.decision_maker.english_variance_prior`); with `"completion_alignment"`, each layer's
+        share of the alignment between its English activations and the rows' completions, each the mean output
+        embedding of its label tokens (:func:`~peft_cc.decision_maker.completion_alignment_prior`). Other adapters'
+        Decision Makers are untouched.
 
         Args:
             batches: keyword arguments of training forward calls (`input_ids`, `attention_mask`, `labels`,
                 `english_input_ids`, `english_attention_mask`); at least 2 connected rows in all.
 
         Returns:
-            `[S]` float32, the prior: each candidate layer's share of the variance.
+            `[S]` float32, the prior: each candidate layer's share.
         """
         adapter_name = self.connected_adapter()
         if adapter_name is None:
             raise ValueError("initialize_decision_maker needs the CC-Tuning adapter enabled and active.")
-        activations, summaries = [], []
+        strategy = self.peft_config[adapter_name].variance_reinforce_config
+        by_completion = strategy is not None and strategy.prior == "completion_alignment"
+        statistics = []
         was_training = self.training
         self.eval()  # no dropout: the activations training starts from
         try:
             for batch in batches:
                 if batch.get("english_input_ids") is None:
                     raise ValueError("initialize_decision_maker needs batches with `english_input_ids`.")
-                english, z = self._english_activations_and_summary(batch, adapter_name)
-                activations.append(english)
-                summaries.append(z)
+                statistics.append(self._initialization_statistics(batch, adapter_name, by_completion))
         finally:
             self.train(was_training)
-        activations = torch.cat(activations)
+        activations, summaries, completions, residual_norms = (torch.cat(parts) for parts in zip(*statistics))
         if len(activations) == 0:
             raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
-        log_prior = english_variance_prior(activations.float())
-        self.cc_decision_maker[adapter_name].favour(log_prior, torch.cat(summaries))
+        if by_completion:
+            log_prior = completion_alignment_prior(activations.float(), completions)
+        else:
+            log_prior = english_variance_prior(activations.float())
+        decision_maker = self.cc_decision_maker[adapter_name]
+        decision_maker.favour(log_prior, summaries)
+        if strategy is not None and strategy.gate_init_ratio is not None:
+            # Each layer's injection at `gate_init_ratio` times the residual stream's norm (mean norms at the anchors).
+            activation_norms = activations.float().norm(dim=-1).mean(dim=0).clamp_min(1e-12)
+            decision_maker.gate.copy_(strategy.gate_init_ratio * residual_norms.mean() / activation_norms)
         self._decision_makers_to_initialize.discard(adapter_name)
         return log_prior.exp()
 
-    def _english_activations_and_summary(
-        self, batch: dict[str, torch.Tensor], adapter_name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`([B', S, d] English activations, [B', d] Decision Maker inputs z)` of a batch's connected rows."""
+    def _initialization_statistics(
+        self, batch: dict[str, torch.Tensor], adapter_name: str, with_completions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`([B', S, d] English activations, [B', d] Decision Maker inputs z, [B', d] or [0, d] completions, [B']
+        residual norms)` of a batch's connected rows (:meth:`initialize_decision_maker`).
+
+        A completion is the mean output embedding of the row's label tokens (only `with_completions`); a residual norm
+        is that of the output of the injection layer at the row's anchor, where the connection adds its vector.
+        """
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
@@ -521,9 +538,39 @@ class CCModel(LoraModel):
             adapter_name,
         )
         if not len(rows):
-            return english, english.new_zeros(0, english.shape[-1])
-        captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
-        return english, DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
+            empty = english.new_zeros(0, english.shape[-1])
+            return english, empty, empty, english.new_zeros(0)
+        residual_norms = []
+        injection_layer = self.decoder(adapter_name).layers[self.peft_config[adapter_name].injection_layer]
+        positions = (torch.arange(len(rows), device=rows.device), anchors[rows])
+        handle = injection_layer.register_forward_hook(
+            lambda module, args, output: residual_norms.append(
+                (output[0] if isinstance(output, tuple) else output)[positions].float().norm(dim=-1)
+            )
+        )
+        try:
+            captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
+        finally:
+            handle.remove()
+        z = DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
+        completions = english.new_zeros(0, english.shape[-1])
+        if with_completions:
+            completions = self._completion_embeddings(batch.get("labels"), rows)
+        return english, z, completions, residual_norms[0]
+
+    def _completion_embeddings(self, labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """`[B', d]` float32: the mean output embedding (the LM head's row) of the label tokens of each of `rows`."""
+        if labels is None:
+            raise ValueError(
+                "The 'completion_alignment' prior needs `labels` in the batches of initialize_decision_maker."
+            )
+        weight = (self.model.get_output_embeddings() or self.model.get_input_embeddings()).weight
+        labels = labels[rows].to(weight.device)
+        supervised = labels != -100
+        row, position = supervised.nonzero(as_tuple=True)
+        sums = weight.new_zeros(len(rows), weight.shape[1], dtype=torch.float32)
+        sums.index_add_(0, row, weight[labels[row, position]].float())
+        return sums / supervised.sum(dim=1, keepdim=True).clamp_min(1)
 
     # ------------------------------------------------------------------------------------------------ inference
 

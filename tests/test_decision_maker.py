@@ -14,7 +14,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl.trainer.utils import FusedCausalLMOutput
 
 from peft_cc import CCConfig, VarianceReinforceConfig
-from peft_cc.decision_maker import ConnectionChoice, DecisionMaker, english_variance_prior
+from peft_cc.decision_maker import (
+    ConnectionChoice,
+    DecisionMaker,
+    completion_alignment,
+    completion_alignment_prior,
+    english_variance_prior,
+)
 from peft_cc.legacy_config import translate_legacy_fields
 from peft_cc.model import _row_losses
 
@@ -41,7 +47,9 @@ def _initialized_gated_model(**options):
 
 def test_the_default_is_the_paper_and_the_strategy_gets_its_sub_config():
     assert CCConfig().decision_maker == "paper" and CCConfig().variance_reinforce_config is None
-    assert CCConfig(decision_maker=GATED).variance_reinforce_config == VarianceReinforceConfig(0.25, 0.3)
+    assert CCConfig(decision_maker=GATED).variance_reinforce_config == VarianceReinforceConfig(
+        start_fraction=0.25, gate_init=0.3, gate_init_ratio=None, prior="english_variance"
+    )
     custom = CCConfig(decision_maker=GATED, variance_reinforce_config=VarianceReinforceConfig(gate_init=0.0))
     assert custom.variance_reinforce_config.gate_init == 0.0 and custom.learns_by_reinforce
     with pytest.raises(ValueError, match="variance_reinforce_config.*decision_maker"):
@@ -55,6 +63,7 @@ def test_the_default_is_the_paper_and_the_strategy_gets_its_sub_config():
         ({"decision_maker": GATED, "variance_reinforce_config": {"start_fraction": 1.5}}, "start_fraction"),
         ({"decision_maker": GATED, "variance_reinforce_config": {"start_fraction": True}}, "start_fraction"),
         ({"decision_maker": GATED, "variance_reinforce_config": {"gate_init": float("nan")}}, "gate_init"),
+        ({"decision_maker": GATED, "variance_reinforce_config": {"prior": "uniform"}}, "prior"),
     ],
 )
 def test_invalid_strategy_values_name_their_field(options, field):
@@ -67,7 +76,12 @@ def test_the_strategy_and_its_knobs_round_trip_through_adapter_config_json(tmp_p
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["decision_maker"] == GATED
-    assert saved["variance_reinforce_config"] == {"start_fraction": 0.5, "gate_init": 0.3}
+    assert saved["variance_reinforce_config"] == {
+        "start_fraction": 0.5,
+        "gate_init": 0.3,
+        "gate_init_ratio": None,
+        "prior": "english_variance",
+    }
     loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path, is_trainable=True)
     config = loaded.peft_config["default"]
     assert config.variance_reinforce_config == VarianceReinforceConfig(start_fraction=0.5, gate_init=0.3)
@@ -201,6 +215,80 @@ def test_english_variance_prior_is_each_layers_share_of_the_variance():
         english_variance_prior(activations[:1])
     same = english_variance_prior(torch.ones(4, 3, 2)).exp()  # identical prompts: nothing to favour
     torch.testing.assert_close(same, torch.full((3,), 1 / 3))
+
+
+def test_completion_alignment_prior_favours_the_layer_that_varies_as_the_completions_not_the_one_that_varies_most():
+    generator = torch.Generator().manual_seed(0)
+    completions = torch.randn(40, 6, generator=generator)
+    activations = torch.empty(40, 4, 8)
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=generator))[0][:6]  # [6, 8] orthonormal rows
+    activations[:, 0] = 0.01 * completions @ rotation  # small, and a rotation of the completions
+    activations[:, 1] = 0.01 * completions @ rotation + 0.01 * torch.randn(40, 8, generator=generator)
+    activations[:, 2] = 10 * torch.randn(40, 8, generator=generator)  # varies most, unrelated to the completions
+    activations[:, 3] = torch.arange(8.0)  # the same for every prompt
+    alignment = completion_alignment(activations, completions)
+    assert alignment[0].item() == pytest.approx(1.0, abs=1e-4)  # a rotation and rescaling of the completions
+    assert 0.3 < alignment[1] < 0.95 and abs(alignment[2]) < 0.1 and alignment[3] == 0
+    scaled = activations.clone()
+    scaled[:, 1] *= 1000.0
+    torch.testing.assert_close(completion_alignment(scaled, completions), alignment)  # the scale does not matter
+    prior = completion_alignment_prior(activations, completions).exp()
+    positive = alignment.clamp_min(0)
+    torch.testing.assert_close(prior, (positive / positive.sum()).clamp_min(1e-8))
+    assert prior[0] > prior[1] > 5 * prior[2] and prior[3] == pytest.approx(1e-8)
+    assert english_variance_prior(activations).exp()[2] > 0.99  # what the variance start favours instead
+    same = completion_alignment_prior(activations, torch.ones(40, 6)).exp()  # one completion: nothing to favour
+    torch.testing.assert_close(same, torch.full((4,), 0.25))
+    for bad_activations, bad_completions in ((activations[:3], completions[:3]), (activations, completions[:39])):
+        with pytest.raises(ValueError, match="at least 4 prompts and one completion per prompt"):
+            completion_alignment(bad_activations, bad_completions)
+
+
+def test_the_completion_alignment_start_compares_english_activations_with_the_labels_output_embeddings():
+    strategy = VarianceReinforceConfig(prior="completion_alignment")
+    model = make_cc_model("llama", decision_maker=GATED, variance_reinforce_config=strategy)
+    tuner = cc_tuner(model)
+    batches = [_batch(seed=0), _batch(seed=1)]
+    prior = tuner.initialize_decision_maker(batches)
+
+    english = torch.cat([batch["english_input_ids"] for batch in batches])
+    rows = torch.arange(len(english))
+    model.eval()
+    activations = tuner.anchor_activations(
+        english, torch.ones_like(english), rows, torch.full((len(rows),), english.shape[1] - 1), tuner.source_layers()
+    )
+    model.train()
+    labels = torch.cat([batch["labels"][:, 6:] for batch in batches])  # every row's 4 label tokens
+    completions = model.get_output_embeddings().weight[labels].mean(dim=1)
+    torch.testing.assert_close(prior, completion_alignment_prior(activations, completions).exp())
+    assert model.training and not tuner.needs_decision_maker_initialization()
+    unlabelled = {key: value for key, value in _batch().items() if key != "labels"}
+    anchors = torch.full((len(unlabelled["input_ids"]),), 5)
+    with pytest.raises(ValueError, match="needs `labels`"):
+        tuner.initialize_decision_maker([{**unlabelled, "anchor_positions": anchors}])
+
+
+def test_a_gate_init_ratio_starts_every_layers_injection_at_that_ratio_to_the_residual_stream():
+    strategy = VarianceReinforceConfig(gate_init_ratio=10.0)
+    model = make_cc_model("llama", decision_maker=GATED, variance_reinforce_config=strategy)
+    tuner = cc_tuner(model)
+    batch = _batch()
+    model.eval()
+    rows = torch.arange(len(batch["input_ids"]))
+    english = batch["english_input_ids"]
+    activations = tuner.anchor_activations(
+        english, torch.ones_like(english), rows, torch.full((len(rows),), english.shape[1] - 1), tuner.source_layers()
+    )
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1]  # after layer 0
+    residual_norm = hidden[rows, 5].norm(dim=-1).mean()  # at the anchors, before the first label
+    model.train()
+    tuner.initialize_decision_maker([batch])
+    gate = tuner.decision_maker().gate.detach()
+    torch.testing.assert_close(gate * activations.norm(dim=-1).mean(dim=0), 10.0 * residual_norm.expand(len(gate)))
+    assert len(set(gate.tolist())) == len(gate)  # one start per layer, unlike gate_init
+    with pytest.raises(ValueError, match="gate_init_ratio"):
+        VarianceReinforceConfig(gate_init_ratio=0.0)
 
 
 def test_favour_shifts_the_logits_at_the_mean_input_by_the_centred_prior():
