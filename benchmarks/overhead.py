@@ -13,6 +13,9 @@ Ratios:
   gradients flow) / plain LoRA step. What CC-Tuning would cost if that pass were its only extra work.
 - generate_ratio: CC generation (shared prompt cache) / plain LoRA generation (4 prompts of 64 tokens, 32 new
   tokens, greedy); generate_ratio_naive: the naive two-pass method / plain LoRA generation.
+- score_ratio: CC scoring of continuations (the log-likelihood rows of an evaluation: 4 prompts of 64 tokens and
+  continuations of 16, shared prompt cache, `continuation_logits_with_connection`) / the plain LoRA forward of the
+  same rows; score_ratio_naive: `CCModel`'s forward with `anchor_positions` (two passes over the prompt) / plain.
 - fit_seconds_per_pair: Transform Matrix fit time per (non-English, English) prompt pair.
 
 With glibc, the C allocator is first told to keep freed memory (see `keep_freed_memory`; `--system-malloc` leaves it
@@ -33,6 +36,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_cc import CCConfig, fit_transform_matrix
+from peft_cc.generation import continuation_logits_with_connection
 
 
 def parse_args() -> argparse.Namespace:
@@ -172,6 +176,26 @@ def main() -> None:
         args.repeats,
     )
 
+    # Scoring: 4 rows of a 64-token prompt and a 16-token continuation; logits from the anchor on.
+    rows = random_tokens((4, 80), vocab, generator)
+    score = dict(input_ids=rows, attention_mask=torch.ones_like(rows))
+    anchors = torch.full((4,), 63)
+
+    @torch.no_grad()
+    def score_with(function: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: function().log_softmax(-1)
+
+    scoring = median_seconds(
+        {
+            "plain_lora_score": score_with(lambda: plain(**score, logits_to_keep=17).logits),
+            "cc_score": score_with(
+                lambda: continuation_logits_with_connection(cc.base_model, prompt_length=64, **score)
+            ),
+            "cc_score_naive": score_with(lambda: cc(**score, anchor_positions=anchors).logits[:, 63:]),
+        },
+        args.repeats,
+    )
+
     # Transform Matrix fit on (64-token, 64-token) prompt pairs given as token ids.
     pairs = [
         (random_tokens((64,), vocab, generator).tolist(), random_tokens((64,), vocab, generator).tolist())
@@ -193,8 +217,10 @@ def main() -> None:
         "train_step_floor_no_english_grad": 1 + train["english_pass_no_grad"] / plain_step,
         "generate_ratio": generation["cc_generate"] / generation["plain_lora_generate"],
         "generate_ratio_naive": generation["cc_generate_naive"] / generation["plain_lora_generate"],
+        "score_ratio": scoring["cc_score"] / scoring["plain_lora_score"],
+        "score_ratio_naive": scoring["cc_score_naive"] / scoring["plain_lora_score"],
         "fit_seconds_per_pair": fit_seconds / args.fit_pairs,
-        "seconds": {**train, **generation, "fit_total": fit_seconds},
+        "seconds": {**train, **generation, **scoring, "fit_total": fit_seconds},
     }
     print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()}))
 

@@ -1,4 +1,4 @@
-"""Generation with the cross-lingual connection, sharing the prompt's key-value cache.
+"""Decoding with the cross-lingual connection, sharing the prompt's key-value cache: generation and scoring.
 
 The connection changes the hidden states at the anchor (the last prompt token) and at no earlier position, so the
 prompt is processed once:
@@ -6,13 +6,15 @@ prompt is processed once:
 1. prefill the whole prompt into a `DynamicCache`, without the connection, recording the FFN activations `u_l` at
    the anchor (the monolingual connection simulates the English ones from them, `ê_l = u_l T`);
 2. roll the cache back by one position, dropping the anchor's keys and values;
-3. hand the cache to `generate`, whose first step re-runs only the anchor token, with the chosen English activation
-   added after the injection layer; decoding then goes on as usual.
+3. run the anchor token again on that cache, with the chosen English activation added after the injection layer,
+   followed by what comes after the prompt: :func:`generate_with_connection` hands the cache to `generate`, whose
+   first step is the anchor, and decodes on; :func:`continuation_logits_with_connection` runs the anchor and a given
+   continuation in one pass, for its log-likelihood.
 
-The extra work over plain generation is one token step. Where the cache cannot be rolled back (a static or
-user-provided cache, or a model without dynamic caches), :func:`generate_with_connection` recomputes instead: a
-first pass over the prompt records `u_l`, then `generate` runs from scratch with the connection applied in its
-prefill. Both give the tokens of the naive method (two full passes over the prompt, then plain decoding).
+The extra work over the same decoding without the connection is one token step. Where the cache cannot be rolled
+back (a static or user-provided cache, or a model without dynamic caches), the functions recompute instead: a first
+pass over the prompt records `u_l`, then the whole sequence runs again with the connection at the anchor. Both give
+the results of the naive method (two full passes over the prompt).
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def _can_share_cache(cc_model: CCModel, kwargs: dict) -> bool:
 
 
 def _prefill(
-    cc_model: CCModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]
-) -> tuple[DynamicCache | None, torch.Tensor]:
-    """Prefill the prompt into a rolled-back `DynamicCache`; return it (None if it cannot roll back) and `u`.
+    cc_model: CCModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int], logits_to_keep: int
+) -> tuple[DynamicCache | None, torch.Tensor | None, torch.Tensor]:
+    """Prefill the prompt into a rolled-back `DynamicCache`; return it (None if it cannot roll back), `u` and logits.
 
     Returns:
-        `(cache, activations)`: the cache of every position but the anchor, and `[B, len(layers), d]` FFN
-        activations at the anchor (the last position).
+        `(cache, activations, logits)`: the cache of every position but the anchor, `[B, len(layers), d]` FFN
+        activations at the anchor (the last position; `None` without layers), and the `[B, logits_to_keep, V]`
+        logits of the last positions (without the connection).
     """
     model = cc_model.model
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
@@ -67,20 +70,20 @@ def _prefill(
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     anchors = torch.full_like(rows, input_ids.shape[1] - 1)
     with cc_model.connection().capturing(rows, anchors, layers) as captured:
-        model(
+        logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
-        )
+            logits_to_keep=logits_to_keep,
+        ).logits
     activations = torch.stack([captured[layer] for layer in layers], dim=1) if layers else None
     try:
         cache.crop(-1)
     except (RuntimeError, ValueError):
-        return None, activations
-    return cache, activations
+        return None, activations, logits
+    return cache, activations, logits
 
 
 @torch.no_grad()
@@ -123,7 +126,7 @@ def generate_with_connection(
             "Generation with the CC-Tuning connection needs left-padded prompts (the anchor is the last position of "
             "every row): set `tokenizer.padding_side = 'left'`."
         )
-    cache, activations = _english_activations(
+    cache, activations, _ = _english_activations(
         cc_model,
         adapter_name,
         input_ids,
@@ -153,6 +156,86 @@ def generate_with_connection(
     return outputs
 
 
+@torch.no_grad()
+def continuation_logits_with_connection(
+    cc_model: CCModel,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    english_input_ids: torch.LongTensor | None = None,
+    english_attention_mask: torch.Tensor | None = None,
+    connection: Connection | None = None,
+    earlier_positions: int = 0,
+) -> torch.Tensor:
+    """The logits from the anchor on of prompts followed by continuations, with the connection at every anchor.
+
+    Every row's prompt ends at column `prompt_length - 1` (its anchor): prompts left-padded to `prompt_length`
+    columns, continuations after them, right-padded. The prompts are prefilled once into a key-value cache that the
+    anchor and the continuations then run on (see the module docstring), so scoring a continuation costs about what
+    it costs without the connection; the logits equal those of `CCModel`'s forward with `anchor_positions`.
+
+    Args:
+        cc_model: the CC-Tuning tuner (`peft_model.base_model`).
+        input_ids: `[B, T]` prompts and continuations, laid out as above.
+        attention_mask: `[B, T]`, 0 on the padding.
+        prompt_length: the number of prompt columns (`1 <= prompt_length <= T`).
+        english_input_ids, english_attention_mask, connection: as in :func:`generate_with_connection`.
+        earlier_positions: also return the logits of this many positions before the anchor (unconnected: the
+            connection changes nothing before the anchor), e.g. where a continuation starts inside the prompt.
+
+    Returns:
+        `[B, earlier_positions + T - prompt_length + 1, V]` logits of the columns from
+        `prompt_length - 1 - earlier_positions` on.
+    """
+    connection = _resolve_connection(connection, english_input_ids)
+    adapter_name = cc_model.connected_adapter()
+    anchor = prompt_length - 1
+    if not 0 <= anchor - earlier_positions <= anchor < input_ids.shape[1]:
+        raise ValueError(
+            f"prompt_length={prompt_length} and earlier_positions={earlier_positions} must lie within the "
+            f"{input_ids.shape[1]} columns of `input_ids`, and earlier_positions must not be negative."
+        )
+    if not bool(attention_mask[:, anchor].all()):
+        raise ValueError(
+            "Every row's prompt must end at column prompt_length - 1 (the anchor), which the attention mask leaves "
+            "out of some rows: left-pad the prompts and right-pad the continuations."
+        )
+    model = cc_model.model
+    position_ids = position_ids_from_attention_mask(attention_mask)
+    keep = input_ids.shape[1] - anchor + earlier_positions
+    if connection == "off" or adapter_name is None:
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+        ).logits
+    cache, activations, earlier = _english_activations(
+        cc_model,
+        adapter_name,
+        input_ids[:, :prompt_length],
+        attention_mask[:, :prompt_length],
+        english_input_ids,
+        english_attention_mask,
+        cc_model.model._supports_default_dynamic_cache(),
+        logits_to_keep=earlier_positions + 1,
+    )
+    choice = cc_model.connection_choice(activations, adapter_name)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if cache is None:
+        step_anchor, inputs = anchor, {"input_ids": input_ids, "position_ids": position_ids, "logits_to_keep": keep}
+    else:
+        step_anchor = 0  # the pass starts at the anchor
+        inputs = {"input_ids": input_ids[:, anchor:], "position_ids": position_ids[:, anchor:], "cache": cache}
+    config = cc_model.peft_config[adapter_name]
+    with cc_model.connection(adapter_name).injecting(
+        config.injection_layer, rows, torch.full_like(rows, step_anchor), choice.vectors_for
+    ) as injection:
+        logits = model(attention_mask=attention_mask, **inputs).logits
+    if not injection.applied:
+        raise RuntimeError("The model did not run its decoder, so the connection was not applied.")
+    if cache is None:
+        return logits
+    return torch.cat([earlier[:, :earlier_positions], logits], dim=1)
+
+
 def _resolve_connection(connection: Connection | None, english_input_ids: torch.Tensor | None) -> Connection:
     """The connection to apply (default: bilingual with English prompts, else monolingual), checked."""
     if connection is None:
@@ -176,23 +259,29 @@ def _english_activations(
     english_input_ids: torch.Tensor | None,
     english_attention_mask: torch.Tensor | None,
     share_cache: bool,
-) -> tuple[DynamicCache | None, torch.Tensor]:
-    """`(cache, [B, S, d] English activations)` of the prompts: simulated from the prompt's own (monolingual, read
-    during the prefill when the cache is shared) or real (bilingual). `cache` is the rolled-back prompt cache, or
-    `None` when it is not shared."""
+    logits_to_keep: int = 1,
+) -> tuple[DynamicCache | None, torch.Tensor, torch.Tensor | None]:
+    """`(cache, [B, S, d] English activations, logits)` of the prompts: the activations simulated from the prompt's
+    own (monolingual, read during the prefill when the cache is shared) or real (bilingual). `cache` is the
+    rolled-back prompt cache and `logits` the prefill's `[B, logits_to_keep, V]` last logits, both `None` when the
+    cache is not shared."""
     monolingual = english_input_ids is None
     if monolingual:
         cc_model.require_fitted_transform_matrix(adapter_name)
-    cache, prompt_activations = None, None
+    cache, prompt_activations, logits = None, None, None
     if share_cache:
         prompt_layers = cc_model.source_layers(adapter_name) if monolingual else []
-        cache, prompt_activations = _prefill(cc_model, input_ids, attention_mask, prompt_layers)
+        cache, prompt_activations, logits = _prefill(
+            cc_model, input_ids, attention_mask, prompt_layers, logits_to_keep
+        )
+        if cache is None:
+            logits = None
     if prompt_activations is not None:
-        return cache, cc_model.simulated_english_activations(prompt_activations, adapter_name)
+        return cache, cc_model.simulated_english_activations(prompt_activations, adapter_name), logits
     anchors = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
     rows, activations = cc_model.english_activations(
         input_ids, attention_mask, anchors, english_input_ids, english_attention_mask, adapter_name
     )
     if len(rows) != input_ids.shape[0]:
         raise ValueError("Every row needs a non-empty English prompt for the bilingual connection.")
-    return cache, activations
+    return cache, activations, logits

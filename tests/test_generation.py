@@ -8,6 +8,8 @@ from conftest import VOCAB_SIZE
 from helpers import MAX_NEW_TOKENS, cc_tuner, fit_random_transform, make_cc_model, naive_greedy, randomize_lora_b
 from transformers import StaticCache
 
+from peft_cc.generation import continuation_logits_with_connection
+
 
 def _left_padded_prompts(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
@@ -155,3 +157,94 @@ def test_shared_cache_costs_one_token_step_more_than_plain_generation(architectu
     finally:
         handle.remove()
     assert connected == plain + input_ids.shape[0]
+
+
+def _prompts_and_continuations(
+    prompt_lengths: list[int], continuation_lengths: list[int], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Prompts left-padded to one width, continuations right-padded after them; also each row unpadded."""
+    prompts, prompt_mask = _left_padded_prompts(prompt_lengths, seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    width = max(continuation_lengths)
+    continuations = torch.zeros(len(prompt_lengths), width, dtype=torch.long)
+    continuation_mask = torch.zeros_like(continuations)
+    for row, length in enumerate(continuation_lengths):
+        continuations[row, :length] = torch.randint(1, VOCAB_SIZE, (length,), generator=generator)
+        continuation_mask[row, :length] = 1
+    input_ids = torch.cat([prompts, continuations], dim=1)
+    attention_mask = torch.cat([prompt_mask, continuation_mask], dim=1)
+    rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+    return input_ids, attention_mask, rows
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["shared-cache", "recomputed"])
+def test_continuation_logits_equal_the_connected_forward_of_each_row(architecture, fallback, monkeypatch):
+    """Scoring with a shared prompt cache: the logits from 2 positions before the anchor on equal those of each
+    unpadded row's forward with `anchor_positions`, monolingual and bilingual; the unconnected positions too."""
+    model = _prepared(architecture)
+    fit_random_transform(model, scale=3.0)
+    tuner = cc_tuner(model)
+    if fallback:
+        monkeypatch.setattr(tuner.model, "_supports_default_dynamic_cache", lambda: False)
+    prompt_lengths, continuation_lengths = [12, 5, 7], [3, 1, 4]
+    input_ids, attention_mask, rows = _prompts_and_continuations(prompt_lengths, continuation_lengths)
+    english_ids, english_mask = _left_padded_prompts([6, 4, 8], seed=7)
+    english_rows = [ids[mask.bool()] for ids, mask in zip(english_ids, english_mask)]
+    prompt_width, earlier = max(prompt_lengths), 2
+    for connection in ("monolingual", "bilingual"):
+        english = {"english_input_ids": english_ids, "english_attention_mask": english_mask}
+        logits = continuation_logits_with_connection(
+            tuner,
+            input_ids,
+            attention_mask,
+            prompt_width,
+            connection=connection,
+            earlier_positions=earlier,
+            **(english if connection == "bilingual" else {}),
+        )
+        assert logits.shape[:2] == (3, earlier + input_ids.shape[1] - prompt_width + 1)
+        for row, (tokens, prompt_length, continuation_length) in enumerate(
+            zip(rows, prompt_lengths, continuation_lengths)
+        ):
+            anchor = prompt_length - 1
+            by_row = {"english_input_ids": english_rows[row][None]} if connection == "bilingual" else {}
+            with torch.no_grad():
+                expected = model(input_ids=tokens[None], anchor_positions=torch.tensor([anchor]), **by_row).logits[0]
+            torch.testing.assert_close(
+                logits[row, : earlier + 1 + continuation_length],
+                expected[anchor - earlier :],
+                atol=1e-5,
+                rtol=1e-5,
+                msg=f"{connection}, row {row}",
+            )
+    off = continuation_logits_with_connection(tuner, input_ids, attention_mask, prompt_width, connection="off")
+    assert not torch.allclose(off[:, 0], logits[:, earlier])  # the connection changes the anchor's logits
+
+
+def test_continuation_logits_cost_one_token_step_more_than_unconnected_scoring():
+    model = _prepared("llama")
+    tuner = cc_tuner(model)
+    input_ids, attention_mask, _ = _prompts_and_continuations([12, 6], [3, 2])
+    tokens = []
+    handle = (
+        tuner.decoder()
+        .layers[0]
+        .register_forward_hook(lambda module, args, output: tokens.append(output.shape[:2].numel()))
+    )
+    try:
+        continuation_logits_with_connection(tuner, input_ids, attention_mask, 12)
+        connected, tokens[:] = sum(tokens), []
+        continuation_logits_with_connection(tuner, input_ids, attention_mask, 12, connection="off")
+        plain = sum(tokens)
+    finally:
+        handle.remove()
+    assert connected == plain + input_ids.shape[0]
+
+
+def test_continuation_logits_refuse_rows_whose_prompt_does_not_end_at_the_anchor_column():
+    tuner = cc_tuner(_prepared("llama"))
+    input_ids, attention_mask, _ = _prompts_and_continuations([9, 5], [3, 2])
+    with pytest.raises(ValueError, match="left-pad the prompts"):
+        continuation_logits_with_connection(tuner, input_ids, attention_mask.flip(1), 9)
+    with pytest.raises(ValueError, match="earlier_positions"):
+        continuation_logits_with_connection(tuner, input_ids, attention_mask, 9, earlier_positions=9)

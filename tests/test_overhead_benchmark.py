@@ -28,6 +28,8 @@ KEYS = {
     "train_step_floor_no_english_grad",
     "generate_ratio",
     "generate_ratio_naive",
+    "score_ratio",
+    "score_ratio_naive",
     "fit_seconds_per_pair",
     "seconds",
 }

@@ -144,7 +144,11 @@ def metadata_tokenizer(metadata: Mapping):
 class GenerationWithGoldLikelihood(ConfigurableTask):
     """A `generate_until` task that also asks for the log-likelihood of the first gold answer after the prompt: two
     requests per document, whose results the configuration's `process_results` receives in this order; this class
-    adds `answer_nll`, in nats per answer token (see the module docstring)."""
+    adds `answer_nll`, in nats per answer token (see the module docstring).
+
+    With `max_gen_toks` 0 (`--gen_kwargs max_gen_toks=0`) nothing is generated: each document asks only for the gold
+    answer's log-likelihood, and `answer_nll` is its only metric (about half the cost where the prompts are long).
+    """
 
     def __init__(self, config: dict) -> None:
         # lm-eval hands a `class:` task its whole configuration, the `class` key included.
@@ -152,7 +156,6 @@ class GenerationWithGoldLikelihood(ConfigurableTask):
         self._gold_tokens: dict[int, int] = {}
 
     def construct_requests(self, doc: dict, ctx: str, metadata: tuple, **kwargs) -> list[Instance]:
-        generation = super().construct_requests(doc, ctx, metadata=metadata, **kwargs)
         continuation = self.config.target_delimiter + doc["answers"][0]
         tokens = answer_token_count(metadata_tokenizer(self.config.metadata or {}), ctx, continuation)
         if tokens < 1:
@@ -164,7 +167,14 @@ class GenerationWithGoldLikelihood(ConfigurableTask):
             idx=1,
             metadata=metadata,
         )
-        return [generation, gold]
+        if not self.generates:
+            return [gold]
+        return [super().construct_requests(doc, ctx, metadata=metadata, **kwargs), gold]
+
+    @property
+    def generates(self) -> bool:
+        """Whether the documents ask for a generation (`max_gen_toks` is not 0), besides the gold log-likelihood."""
+        return (self.config.generation_kwargs or {}).get("max_gen_toks") != 0
 
     def build_all_requests(self, **kwargs) -> None:
         super().build_all_requests(**kwargs)
@@ -176,9 +186,11 @@ class GenerationWithGoldLikelihood(ConfigurableTask):
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
         """The configuration's scores of the generated text, plus `answer_nll` from the gold answer's
         `(log-likelihood, is_greedy)`: nats per answer token."""
-        _, (log_likelihood, _) = results
-        scores = super().process_results(doc, results)
-        return {**scores, "answer_nll": -float(log_likelihood) / self._gold_tokens[doc["index"]]}
+        log_likelihood, _ = results[-1]
+        answer_nll = -float(log_likelihood) / self._gold_tokens[doc["index"]]
+        if not self.generates:
+            return {"answer_nll": answer_nll}
+        return {**super().process_results(doc, results), "answer_nll": answer_nll}
 
 
 def score_extractive_qa(doc: dict, results: list) -> dict[str, float]:

@@ -17,10 +17,13 @@ It is lm-eval's `hf` model (:class:`lm_eval.models.huggingface.HFLM`, same model
 
 Where the connection applies, as in :meth:`peft_cc.CCModel.generate` and in training: at the last token of each
 request's context (for a chat template, the newline that ends its generation prompt, which lm-eval moves into a
-log-likelihood request's continuation; see :func:`context_end_in_continuation`). Log-likelihood requests run one
-forward pass per (context, continuation) row with that row's anchor (`CCModel.forward(..., anchor_positions=...)`),
-so a score is exactly the log-likelihood that `CCModel` computes for the continuation after that context.
-Generation runs `generate(..., connection=...)`. Rolling log-likelihoods (perplexity tasks) have no context to anchor
+log-likelihood request's continuation; see :func:`context_end_in_continuation`). Log-likelihood requests run as
+rows (context and continuation) aligned on their anchors, through
+:func:`peft_cc.generation.continuation_logits_with_connection`: the contexts are prefilled once, recording what the
+monolingual connection needs, and the anchors and continuations run on that cache with the connection, so a
+connected score costs about what an unconnected one does and equals the log-likelihood that `CCModel` computes for
+the continuation after that context (`CCModel.forward(..., anchor_positions=...)`). Generation runs
+`generate(..., connection=...)`. Rolling log-likelihoods (perplexity tasks) have no context to anchor
 the connection to: they run with `connection=off` only.
 """
 
@@ -38,6 +41,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from ..generation import continuation_logits_with_connection
 from ..model import CCModel
 
 Connection = Literal["monolingual", "bilingual", "off"]
@@ -204,20 +208,25 @@ class CCLM(HFLM):
         if not self._connects:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         requests_of_row: dict[_Row, list[int]] = defaultdict(list)
+        before_anchor = 0  # how far before its anchor a continuation starts, at most
         for index, request in enumerate(requests):
-            requests_of_row[self._row(request)].append(index)
-        rows = sorted(requests_of_row, key=lambda row: -len(row.tokens))
+            row = self._row(request)
+            requests_of_row[row].append(index)
+            before_anchor = max(before_anchor, row.anchor - (len(row.tokens) - len(request[2])))
+        rows = sorted(requests_of_row, key=lambda row: (-row.anchor, -len(row.tokens)))
         batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 0)
         batch_size = batch_size or self._detect_batch_size()
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Connected log-likelihoods")
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            log_probs = self._connected_log_probs(batch)  # [B, T, V]
+            log_probs = self._connected_log_probs(batch, before_anchor)  # [B, before_anchor + T_after, V]
             for row_log_probs, row in zip(log_probs, batch):
+                # the row's positions from `before_anchor` before its anchor on; its continuations end with it
+                row_log_probs = row_log_probs[: before_anchor + len(row.tokens) - row.anchor]
                 for index in requests_of_row[row]:
                     (request_strings, _, continuation) = requests[index]
-                    results[index] = _continuation_score(row_log_probs[: len(row.tokens)], continuation)
+                    results[index] = _continuation_score(row_log_probs, continuation)
                     if request_strings is not None:
                         self.cache_hook.add_partial("loglikelihood", request_strings, results[index])
                     progress.update(1)
@@ -238,32 +247,46 @@ class CCLM(HFLM):
         return _Row(tokens, len(tokens) - len(continuation_ids) + moved, english)
 
     @torch.no_grad()
-    def _connected_log_probs(self, rows: Sequence[_Row]) -> torch.Tensor:
-        """`[B, T, V]` log-probabilities of the right-padded rows, with the connection at each row's anchor."""
-        input_ids, attention_mask = self._right_pad([row.tokens for row in rows])
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "anchor_positions": torch.tensor([row.anchor for row in rows], device=self.device),
-        }
+    def _connected_log_probs(self, rows: Sequence[_Row], before_anchor: int) -> torch.Tensor:
+        """`[B, before_anchor + T_after, V]` log-probabilities of the rows' positions from `before_anchor` before
+        their anchor on, with the connection at each row's anchor (`T_after`: the most positions from an anchor to
+        its row's end). The rows are aligned on their anchors, so that their contexts share one prefill."""
+        anchor_column = max(row.anchor for row in rows)
+        if min(row.anchor for row in rows) < before_anchor:
+            raise ValueError(
+                "A log-likelihood request's continuation starts before its row's first token (its context was "
+                f"truncated to the model's {self.max_length} tokens): it has no context to anchor the connection to."
+            )
+        input_ids, attention_mask = self._pad([row.tokens for row in rows], [anchor_column - r.anchor for r in rows])
+        inputs = {}
         if self.connection == "bilingual":
-            inputs["english_input_ids"], inputs["english_attention_mask"] = self._right_pad([r.english for r in rows])
+            english = [row.english for row in rows]
+            inputs["english_input_ids"], inputs["english_attention_mask"] = self._pad(english, [0] * len(english))
         with torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
         ):
-            logits = self.model(**inputs).logits
+            logits = continuation_logits_with_connection(
+                self.model.base_model,
+                input_ids,
+                attention_mask,
+                prompt_length=anchor_column + 1,
+                connection=self.connection,
+                earlier_positions=before_anchor,
+                **inputs,
+            )
         return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
 
-    def _right_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`input_ids` and `attention_mask`, `[B, T]` on the model's device, of right-padded token rows."""
-        width = max(len(row) for row in rows)
+    def _pad(self, rows: Sequence[Sequence[int]], offsets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids` and `attention_mask`, `[B, T]` on the model's device, of token rows each starting at its
+        offset (padding before and after it)."""
+        width = max(offset + len(row) for row, offset in zip(rows, offsets))
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, : len(row)] = 1
+        for index, (row, offset) in enumerate(zip(rows, offsets)):
+            input_ids[index, offset : offset + len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, offset : offset + len(row)] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
 
