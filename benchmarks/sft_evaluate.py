@@ -13,8 +13,8 @@ item (:mod:`paired_comparison`):
   `contains`; XLSum `rouge_l`; the generated text is kept too.
 
 The tasks of the generative benchmarks ask for a generation and the gold answer's log-likelihood for every item; the
-items past the generation subset are run with at most one new token (`gen_kwargs={"max_gen_toks": 1}`), of which only
-`answer_nll` is kept.
+items past the generation subset are run with `gen_kwargs={"max_gen_toks": 0}`, under which the tasks ask for the gold
+answer's log-likelihood alone.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def _run_part(lm, task_manager, part: Part) -> dict[str, list[dict]]:
         samples={task: list(range(part.start, part.stop)) for task in tasks},
         apply_chat_template=True,
         log_samples=True,
-        gen_kwargs=None if part.generate else {"max_gen_toks": 1},
+        gen_kwargs=None if part.generate else {"max_gen_toks": 0},
         bootstrap_iters=0,
     )
     return {language: results["samples"][task] for task, language in tasks.items()}

@@ -191,8 +191,9 @@ def evaluation_seconds(
     """Expected seconds of one evaluation from its items' token counts.
 
     Per item (in one language): `forwards × tokens × token × connection factor`, plus `GENERATED_TOKENS × decode`
-    when it is generated; `forwards` is 1 for a multiple-choice item (its one-token options share one row) and 2 for
-    a generative benchmark's item (the generation's prompt pass and the gold answer's row). Plus `loading`.
+    when it is generated; `forwards` is 1 (a multiple-choice item's one-token options share one row; a generative
+    benchmark's item not generated has only its gold answer's row), 2 for a generated item (the generation's prompt
+    pass and the gold answer's row). Plus `loading`.
 
     Args:
         model_rates: `token` (seconds per token of a forward without gradients), `decode` (seconds per generated
@@ -202,7 +203,7 @@ def evaluation_seconds(
     seconds = model_rates["loading"]
     factor = model_rates["connection"][connection_kind(connection)]
     for part in evaluation_parts(settings, sizes):
-        forwards = 1 if part.benchmark in CHOICES else 2
+        forwards = 2 if part.generate else 1
         per_item = forwards * tokens(part) * model_rates["token"] * factor
         if part.generate:
             per_item += GENERATED_TOKENS * model_rates["decode"]

@@ -117,7 +117,7 @@ def evaluate(lm: CCLM, task_dir, task: str) -> list[dict]:
     results = simple_evaluate(
         model=lm,
         tasks=[task],
-        task_manager=TaskManager(include_path=str(task_dir)),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         apply_chat_template=True,
         log_samples=True,
         bootstrap_iters=0,

@@ -142,7 +142,7 @@ def test_answer_nll_is_nats_per_answer_token(smollm2_id, data_root):
     samples = simple_evaluate(
         model=lm,
         tasks=["peft_cc_mkqa_de"],
-        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata=metadata),
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata),
         apply_chat_template=True,
         log_samples=True,
         bootstrap_iters=0,
@@ -165,7 +165,9 @@ def test_answer_nll_refuses_tasks_without_the_model_tokenizer(smollm2_id, data_r
         simple_evaluate(
             model=lm,
             tasks=["peft_cc_mkqa_de"],
-            task_manager=TaskManager(include_path=str(TASKS_DIR), metadata={"data_root": str(data_root)}),
+            task_manager=TaskManager(
+                include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_root": str(data_root)}
+            ),
             limit=1,
         )
 
@@ -193,7 +195,9 @@ def test_the_six_benchmarks_run_with_smollm2_on_the_shared_data_root(smollm2_id,
     results = simple_evaluate(
         model=lm,
         tasks=tasks,
-        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata={"pretrained": smollm2_id}),
+        task_manager=TaskManager(
+            include_path=str(TASKS_DIR), include_defaults=False, metadata={"pretrained": smollm2_id}
+        ),
         limit=2,
         apply_chat_template=True,
         bootstrap_iters=0,

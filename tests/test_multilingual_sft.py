@@ -445,7 +445,7 @@ def test_the_plan_multiplies_the_rates_by_the_token_counts_and_sizes(tmp_path, s
     messages = [{"role": "user", "content": "de MKQA #2"}]
     prompt = smollm2_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert 30 < len(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) < tokens[1]
-    expected = 10 + 2 * 2 * (2 * tokens[0] * 0.01 + 40 * 0.1) + 3 * 2 * 2 * tokens[1] * 0.01 + 4 * 2 * tokens[2] * 0.01
+    expected = 10 + 2 * 2 * (2 * tokens[0] * 0.01 + 40 * 0.1) + 3 * 2 * 1 * tokens[1] * 0.01 + 4 * 2 * tokens[2] * 0.01
 
     def count(part):
         return sft_plan.prompt_tokens(smollm2_tokenizer, root, part)
