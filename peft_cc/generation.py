@@ -263,8 +263,8 @@ def _english_activations(
 ) -> tuple[DynamicCache | None, torch.Tensor, torch.Tensor | None]:
     """`(cache, [B, S, d] English activations, logits)` of the prompts: the activations simulated from the prompt's
     own (monolingual, read during the prefill when the cache is shared) or real (bilingual). `cache` is the
-    rolled-back prompt cache and `logits` the prefill's `[B, logits_to_keep, V]` last logits, both `None` when the
-    cache is not shared."""
+    rolled-back prompt cache (`None` when it is not shared or cannot roll back) and `logits` the prefill's
+    `[B, logits_to_keep, V]` last logits (`None` without a prefill)."""
     monolingual = english_input_ids is None
     if monolingual:
         cc_model.require_fitted_transform_matrix(adapter_name)
@@ -274,8 +274,6 @@ def _english_activations(
         cache, prompt_activations, logits = _prefill(
             cc_model, input_ids, attention_mask, prompt_layers, logits_to_keep
         )
-        if cache is None:
-            logits = None
     if prompt_activations is not None:
         return cache, cc_model.simulated_english_activations(prompt_activations, adapter_name), logits
     anchors = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)

@@ -184,8 +184,8 @@ class GenerationWithGoldLikelihood(ConfigurableTask):
         }
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
-        """The configuration's scores of the generated text, plus `answer_nll` from the gold answer's
-        `(log-likelihood, is_greedy)`: nats per answer token."""
+        """The configuration's scores of the generated text (when it generates), plus `answer_nll` from the gold
+        answer's `(log-likelihood, is_greedy)`, the last result: nats per answer token."""
         log_likelihood, _ = results[-1]
         answer_nll = -float(log_likelihood) / self._gold_tokens[doc["index"]]
         if not self.generates:
