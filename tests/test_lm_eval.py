@@ -270,3 +270,27 @@ def test_command_line_puts_this_package_tasks_on_the_path():
 def test_import_peft_cc_does_not_import_lm_eval():
     code = "import sys, peft_cc; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rows_are_scored_alike_alone_and_batched_with_a_continuation_that_starts_before_its_anchor(models):
+    # `short`: a one-token context, its anchor the row's first token; `moved`: lm-eval moved the context's final
+    # newline into the continuation, so the continuation starts one token before the anchor. Batched together,
+    # `short` has no position before its anchor: its score must not depend on the other row.
+    lm = models["monolingual"]
+    newline, answer = lm.tok_encode("\n"), lm.tok_encode(" yes")
+    question = lm.tok_encode("Is the sky blue?")
+    assert lm.tok_encode("Is the sky blue?\n") == question + newline
+    short = (("Hi", " yes"), lm.tok_encode("Hi"), answer)
+    moved = (("Is the sky blue?\n", "\n yes"), question, newline + answer)
+    assert len(short[1]) == 1 and lm._row(moved).anchor == len(question)
+    alone = [lm._loglikelihood_tokens([request], disable_tqdm=True)[0] for request in (short, moved)]
+    together = lm._loglikelihood_tokens([short, moved], disable_tqdm=True)
+    for (score_alone, _), (score_together, _) in zip(alone, together):
+        assert score_together == pytest.approx(score_alone, abs=1e-4)
+
+
+def test_a_continuation_longer_than_the_model_is_refused(models):
+    lm = models["monolingual"]
+    too_long = lm.tok_encode(" yes" * (lm.max_length + 1))
+    with pytest.raises(ValueError, match="does not fit in the model's"):
+        lm._loglikelihood_tokens([(("Hi", "..."), lm.tok_encode("Hi"), too_long)], disable_tqdm=True)

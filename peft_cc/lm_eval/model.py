@@ -208,11 +208,17 @@ class CCLM(HFLM):
         if not self._connects:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         requests_of_row: dict[_Row, list[int]] = defaultdict(list)
-        before_anchor = 0  # how far before its anchor a continuation starts, at most
+        before_anchor_of_row: dict[_Row, int] = defaultdict(int)  # how far before its anchor a continuation starts
         for index, request in enumerate(requests):
-            row = self._row(request)
+            row, continuation = self._row(request), request[2]
+            if len(continuation) > len(row.tokens):
+                raise ValueError(
+                    f"A log-likelihood request's continuation ({len(continuation)} tokens) does not fit in the "
+                    f"model's {self.max_length} tokens with its context: nothing to anchor the connection to."
+                )
             requests_of_row[row].append(index)
-            before_anchor = max(before_anchor, row.anchor - (len(row.tokens) - len(request[2])))
+            before_anchor = row.anchor - (len(row.tokens) - len(continuation))
+            before_anchor_of_row[row] = max(before_anchor_of_row[row], before_anchor)
         rows = sorted(requests_of_row, key=lambda row: (-row.anchor, -len(row.tokens)))
         batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 0)
         batch_size = batch_size or self._detect_batch_size()
@@ -220,6 +226,7 @@ class CCLM(HFLM):
         progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Connected log-likelihoods")
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
+            before_anchor = max(before_anchor_of_row[row] for row in batch)
             log_probs = self._connected_log_probs(batch, before_anchor)  # [B, before_anchor + T_after, V]
             for row_log_probs, row in zip(log_probs, batch):
                 # the row's positions from `before_anchor` before its anchor on; its continuations end with it
@@ -250,13 +257,10 @@ class CCLM(HFLM):
     def _connected_log_probs(self, rows: Sequence[_Row], before_anchor: int) -> torch.Tensor:
         """`[B, before_anchor + T_after, V]` log-probabilities of the rows' positions from `before_anchor` before
         their anchor on, with the connection at each row's anchor (`T_after`: the most positions from an anchor to
-        its row's end). The rows are aligned on their anchors, so that their contexts share one prefill."""
+        its row's end). The rows are aligned on their anchors, so that their contexts share one prefill; where a row
+        has fewer than `before_anchor` tokens before its anchor (at most the largest anchor), its first positions
+        are padding."""
         anchor_column = max(row.anchor for row in rows)
-        if min(row.anchor for row in rows) < before_anchor:
-            raise ValueError(
-                "A log-likelihood request's continuation starts before its row's first token (its context was "
-                f"truncated to the model's {self.max_length} tokens): it has no context to anchor the connection to."
-            )
         input_ids, attention_mask = self._pad([row.tokens for row in rows], [anchor_column - r.anchor for r in rows])
         inputs = {}
         if self.connection == "bilingual":
