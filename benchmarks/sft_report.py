@@ -76,6 +76,7 @@ def comparisons(variants: dict[Variant, dict]) -> list[tuple[Variant, Variant]]:
         (Variant(cc[index + 1], "monolingual"), Variant(cc[index], "monolingual")) for index in range(len(cc) - 1)
     ]
     wanted += [(Variant(system, "monolingual"), Variant(system, "off")) for system in cc]
+    wanted += [(Variant(system, "off"), Variant("lora", None)) for system in cc]  # the adapter's LoRA, alone
     wanted += [(Variant(system, "bilingual"), Variant(system, "monolingual")) for system in cc]
     return [(variant, baseline) for variant, baseline in wanted if variant in variants and baseline in variants]
 
@@ -136,9 +137,19 @@ def level_table(rows: Sequence[dict]) -> str:
             row = cell.get((variant, benchmark, metric))
             cells.append(f"{row['mean']:.3f} ± {row['standard_error']:.3f}" if row else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    units = sorted({(row["benchmark"], row["units"]) for row in rows}, key=lambda pair: _column_order((pair[0], "")))
-    note = ", ".join(f"{benchmark} {count}" for benchmark, count in units)
-    return "\n".join(lines) + f"\n\nItems per language: {note}.\n"
+    return "\n".join(lines) + f"\n\n{_items_note(rows)}\n"
+
+
+def _items_note(rows: Sequence[dict]) -> str:
+    """`Items per language: MKQA 150, ...` of the first variant, then of each variant evaluated on other counts."""
+    counts_of = {}
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        units = {(row["benchmark"], row["units"]) for row in rows if row["variant"] == variant}
+        ordered = sorted(units, key=lambda pair: _column_order((pair[0], "")))
+        counts_of[variant] = ", ".join(f"{benchmark} {count}" for benchmark, count in ordered)
+    first = next(iter(counts_of.values()), "")
+    others = "; ".join(f"{variant}: {counts}" for variant, counts in counts_of.items() if counts != first)
+    return f"Items per language: {first}" + (f" ({others})" if others else "") + "."
 
 
 def difference_table(rows: Sequence[dict]) -> str:

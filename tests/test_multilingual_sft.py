@@ -324,6 +324,10 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
         # CC: better than LoRA by 0.5 on item 0, worse by 0.1 on item 1 (seeds averaged: 0.2 and 0.0 apart).
         "cc-paper-seed0-monolingual": evaluation({"de": [1.4, 3.2], "zh": [3.4, 5.2]}, {"de": [1, 1], "zh": [1, 1]}),
         "cc-paper-seed1-monolingual": evaluation({"de": [1.6, 3.0], "zh": [3.6, 5.0]}, {"de": [1, 1], "zh": [1, 1]}),
+        # connection off: one more item than the others; on the items LoRA has, 0 (de) and 0.5 (zh) nats above it
+        "cc-paper-seed0-off": evaluation(
+            {"de": [2.0, 3.0, 9.0], "zh": [4.5, 5.5, 9.0]}, {"de": [1, 0, 1], "zh": [0, 0, 1]}
+        ),
     }
     for name, record in records.items():
         (folder / "evaluation").mkdir(parents=True, exist_ok=True)
@@ -347,6 +351,12 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     cc = differences["cc-paper", "lora", "MKQA"]  # per unit: -0.5 and +0.1 -> mean -0.2, sd 0.4243, s.e. 0.3
     assert cc["difference"] == pytest.approx(-0.2) and cc["standard_error"] == pytest.approx(0.3)
     assert cc["seeds"] == 2 and not cc["beyond_2se"]
+    off = differences["cc-paper (off)", "lora", "MKQA"]  # per unit: +0.25 and +0.25
+    assert off["difference"] == pytest.approx(0.25) and off["standard_error"] == pytest.approx(0.0)
+    assert off["seeds"] == 1 and off["units"] == 2
+    connection = differences["cc-paper", "cc-paper (off)", "MKQA"]  # seed 0 only: -0.85 and -0.05 per unit
+    assert connection["difference"] == pytest.approx(-0.45) and connection["standard_error"] == pytest.approx(0.4)
+    assert "Items per language: MKQA 2, XNLI 2 (cc-paper (off): MKQA 3, XNLI 3)." in text
     levels = {(r["variant"], r["benchmark"]): r for r in tables["levels"]}
     assert levels["base", "MKQA"]["mean"] == pytest.approx(4.5) and levels["base", "MKQA"][
         "standard_error"
