@@ -53,7 +53,7 @@ def _with_english_of_the_next_word(batch: dict[str, torch.Tensor]) -> dict[str, 
 
 
 @pytest.mark.slow
-# A hang guard, not a speed check: ~45 s on 2 idle cores, several times that on a loaded machine.
+# A hang guard, not a speed check: ~60 s on 2 idle cores, several times that on a loaded machine.
 @pytest.mark.timeout(1200)
 def test_connection_carries_what_only_the_english_prompt_knows(smollm2_id, smollm2_tokenizer):
     torch.manual_seed(0)
