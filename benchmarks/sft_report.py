@@ -89,12 +89,45 @@ def paired_rows(variants: dict[Variant, dict], metrics_of: dict[str, Sequence[st
         seeds = None
         if variant.system == baseline.system:
             seeds = sorted(variants[variant].keys() & variants[baseline].keys())
-        system = (variant.label, scores(variants[variant], seeds))
-        base = (baseline.label, scores(variants[baseline], seeds))
-        for row in paired.compare(base, [system], languages):
-            if row["metric"] in metrics_of.get(row["benchmark"], ()):
-                rows.append({**row, "seeds": len(seeds) if seeds is not None else len(variants[variant])})
+        count = len(seeds) if seeds is not None else len(variants[variant])
+        rows += [
+            {**row, "seeds": count}
+            for row in _compare(variants, variant, seeds, baseline, seeds, metrics_of, languages)
+        ]
     return rows
+
+
+def seed_rows(variants: dict[Variant, dict], metrics_of: dict[str, Sequence[str]], languages="non-English") -> list:
+    """The comparisons of :func:`comparisons` whose system has several seeds, once per seed: that seed's record
+    against the baseline's of the same seed (or against its one unseeded record, the base model's). Whether a
+    difference keeps its sign and size from seed to seed is what the item-level standard error does not show."""
+    rows = []
+    for variant, baseline in comparisons(variants):
+        if len(variants[variant]) < 2:
+            continue
+        for seed in sorted(variants[variant]):
+            baseline_seed = seed if seed in variants[baseline] else None
+            if baseline_seed not in variants[baseline]:
+                continue
+            pairs = _compare(variants, variant, [seed], baseline, [baseline_seed], metrics_of, languages)
+            rows += [{**row, "seed": seed} for row in pairs]
+    return rows
+
+
+def _compare(
+    variants: dict[Variant, dict],
+    variant: Variant,
+    seeds: Sequence[int | None] | None,
+    baseline: Variant,
+    baseline_seeds: Sequence[int | None] | None,
+    metrics_of: dict[str, Sequence[str]],
+    languages: str | Sequence[str],
+) -> list[dict]:
+    """`variant` (averaged over `seeds`) paired against `baseline` (over `baseline_seeds`) on `metrics_of`."""
+    system = (variant.label, scores(variants[variant], seeds))
+    base = (baseline.label, scores(variants[baseline], baseline_seeds))
+    rows = paired.compare(base, [system], languages)
+    return [row for row in rows if row["metric"] in metrics_of.get(row["benchmark"], ())]
 
 
 def level_rows(variants: dict[Variant, dict], metrics_of: dict[str, Sequence[str]], languages="non-English") -> list:
@@ -152,17 +185,18 @@ def _items_note(rows: Sequence[dict]) -> str:
     return f"Items per language: {first}" + (f" ({others})" if others else "") + "."
 
 
-def difference_table(rows: Sequence[dict]) -> str:
-    """Comparisons as rows, (benchmark, metric) as columns: `difference ± s.e.`, bold beyond 2 s.e."""
+def difference_table(rows: Sequence[dict], column: str = "seeds") -> str:
+    """Comparisons as rows, (benchmark, metric) as columns: `difference ± s.e.`, bold beyond 2 s.e. `column` is the
+    rows' key that tells apart two rows of one comparison: `seeds` (how many were averaged) or `seed`."""
     columns = sorted({(row["benchmark"], row["metric"]) for row in rows}, key=_column_order)
-    pairs = list(dict.fromkeys((row["system"], row["baseline"], row["seeds"]) for row in rows))
-    cell = {(row["system"], row["baseline"], row["benchmark"], row["metric"]): row for row in rows}
-    header = ["system", "against", "seeds"] + [f"{b} {paired.LABELS[m]}" for b, m in columns]
+    pairs = list(dict.fromkeys((row["system"], row["baseline"], row[column]) for row in rows))
+    cell = {(row["system"], row["baseline"], row[column], row["benchmark"], row["metric"]): row for row in rows}
+    header = ["system", "against", column] + [f"{b} {paired.LABELS[m]}" for b, m in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for system, baseline, seeds in pairs:
-        cells = [system, baseline, str(seeds)]
+    for system, baseline, key in pairs:
+        cells = [system, baseline, str(key)]
         for benchmark, metric in columns:
-            row = cell.get((system, baseline, benchmark, metric))
+            row = cell.get((system, baseline, key, benchmark, metric))
             cells.append(paired.format_difference(row) if row else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -274,6 +308,7 @@ def write_report(folder: Path, evaluation_dir: str = "evaluation") -> str:
         "levels_english": level_rows(variants, loglik, [paired.ENGLISH]),
         "differences": paired_rows(variants, loglik),
         "differences_english": paired_rows(variants, loglik, [paired.ENGLISH]),
+        "differences_per_seed": seed_rows(variants, loglik),
         "generation_levels": level_rows(variants, generation),
         "generation_differences": paired_rows(variants, generation),
     }
@@ -286,6 +321,8 @@ def write_report(folder: Path, evaluation_dir: str = "evaluation") -> str:
         level_table(tables["levels"]),
         "## Paired differences, non-English (bold: beyond 2 standard errors)\n",
         difference_table(tables["differences"]),
+        "## The same, one seed at a time (non-English)\n" if tables["differences_per_seed"] else "",
+        difference_table(tables["differences_per_seed"], "seed") if tables["differences_per_seed"] else "",
         "## English\n",
         level_table(tables["levels_english"]),
         difference_table(tables["differences_english"]),

@@ -357,6 +357,14 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     connection = differences["cc-paper", "cc-paper (off)", "MKQA"]  # seed 0 only: -0.85 and -0.05 per unit
     assert connection["difference"] == pytest.approx(-0.45) and connection["standard_error"] == pytest.approx(0.4)
     assert "Items per language: MKQA 2, XNLI 2 (cc-paper (off): MKQA 3, XNLI 3)." in text
+    per_seed = {(r["system"], r["baseline"], r["seed"], r["benchmark"]): r for r in tables["differences_per_seed"]}
+    # seed 0 against LoRA's seed 0: -0.6 and +0.2 per unit; seed 1 against LoRA's seed 1: -0.4 and 0.0
+    assert per_seed["cc-paper", "lora", 0, "MKQA"]["difference"] == pytest.approx(-0.2)
+    assert per_seed["cc-paper", "lora", 0, "MKQA"]["standard_error"] == pytest.approx(0.4)
+    assert per_seed["cc-paper", "lora", 1, "MKQA"]["standard_error"] == pytest.approx(0.2)
+    assert per_seed["lora", "base", 1, "MKQA"]["difference"] == pytest.approx(-1.0)  # the base model's one record
+    assert not any(system == "cc-paper (off)" for system, *_ in per_seed)  # one seed: nothing to tell apart
+    assert "| cc-paper | lora | 1 | −0.200 ± 0.200 |" in text
     levels = {(r["variant"], r["benchmark"]): r for r in tables["levels"]}
     assert levels["base", "MKQA"]["mean"] == pytest.approx(4.5) and levels["base", "MKQA"][
         "standard_error"
