@@ -1,9 +1,10 @@
 """The report of the multilingual SFT experiment, assembled from the finished runs of one model's folder.
 
 It reads `adapters/*/training.json` and `evaluation/*.json` (whatever has finished) and writes, beside the latter,
-`report.md`, `report.json` (every table row) and `curves.png` (training loss per run). Systems with several seeds are
-averaged item by item before they are compared; every comparison is paired item by item (:mod:`paired_comparison`),
-with its standard error, and a difference beyond twice its standard error is in bold.
+`report.md`, `report.json` (every table row) and `curves.png` (training loss per run). Two trained systems are compared
+on the seeds both have, each averaged item by item over them, and again one seed at a time; every comparison is paired
+item by item (:mod:`paired_comparison`), with its standard error, and a difference beyond twice its standard error is
+in bold.
 """
 
 from __future__ import annotations
@@ -82,13 +83,12 @@ def comparisons(variants: dict[Variant, dict]) -> list[tuple[Variant, Variant]]:
 
 
 def paired_rows(variants: dict[Variant, dict], metrics_of: dict[str, Sequence[str]], languages="non-English") -> list:
-    """The rows of every comparison of :func:`comparisons` on the metrics `{benchmark: metrics}`. The two sides of a
-    comparison of one adapter (connections) are paired on the seeds both have; other sides on all their seeds."""
+    """The rows of every comparison of :func:`comparisons` on the metrics `{benchmark: metrics}`. Two trained systems
+    are paired on the seeds both have (one seed: the same batches and the same LoRA initialisation), each side
+    averaged over them; against the base model (one unseeded record), a system is averaged over all its seeds."""
     rows = []
     for variant, baseline in comparisons(variants):
-        seeds = None
-        if variant.system == baseline.system:
-            seeds = sorted(variants[variant].keys() & variants[baseline].keys())
+        seeds = sorted(variants[variant].keys() & variants[baseline].keys(), key=str) or None
         count = len(seeds) if seeds is not None else len(variants[variant])
         rows += [
             {**row, "seeds": count}
