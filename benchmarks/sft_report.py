@@ -315,8 +315,9 @@ def write_report(folder: Path, evaluation_dir: str = "evaluation") -> str:
     curves = plot_curves(trainings, output / "curves.png")
     sections = [
         f"# Multilingual SFT: {folder.name} ({evaluation_dir})\n",
-        "Non-English items, seeds averaged item by item; mean ± standard error (an item index, in all its languages, "
-        "is one unit). Gold NLL in nats per answer token (lower is better), accuracies in %.\n",
+        "Non-English items, a system's seeds averaged item by item (in a comparison of two trained systems, the seeds "
+        "both have); mean ± standard error (an item index, in all its languages, is one unit). Gold NLL in nats per "
+        "answer token (lower is better), accuracies in %.\n",
         "## Log-likelihood metrics, non-English\n",
         level_table(tables["levels"]),
         "## Paired differences, non-English (bold: beyond 2 standard errors)\n",
