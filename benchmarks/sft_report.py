@@ -78,7 +78,9 @@ def comparisons(variants: dict[Variant, dict]) -> list[tuple[Variant, Variant]]:
     ]
     wanted += [(Variant(system, "monolingual"), Variant(system, "off")) for system in cc]
     wanted += [(Variant(system, "off"), Variant("lora", None)) for system in cc]  # the adapter's LoRA, alone
+    # the real English prompt at inference: the upper bound, against the simulated one and against LoRA
     wanted += [(Variant(system, "bilingual"), Variant(system, "monolingual")) for system in cc]
+    wanted += [(Variant(system, "bilingual"), Variant("lora", None)) for system in cc]
     return [(variant, baseline) for variant, baseline in wanted if variant in variants and baseline in variants]
 
 

@@ -329,6 +329,8 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
         "cc-paper-seed0-off": evaluation(
             {"de": [2.0, 3.0, 9.0], "zh": [4.5, 5.5, 9.0]}, {"de": [1, 0, 1], "zh": [0, 0, 1]}
         ),
+        # bilingual, seed 0: 0.2 and 0.3 nats below the monolingual connection per item; -0.5 and +0.2 against LoRA
+        "cc-paper-seed0-bilingual": evaluation({"de": [1.2, 2.9], "zh": [3.2, 4.9]}, {"de": [1, 1], "zh": [1, 1]}),
     }
     for name, record in records.items():
         (folder / "evaluation").mkdir(parents=True, exist_ok=True)
@@ -357,6 +359,10 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     assert off["seeds"] == 1 and off["units"] == 2
     connection = differences["cc-paper", "cc-paper (off)", "MKQA"]  # seed 0 only: -0.85 and -0.05 per unit
     assert connection["difference"] == pytest.approx(-0.45) and connection["standard_error"] == pytest.approx(0.4)
+    upper_bound = differences["cc-paper (bilingual)", "cc-paper", "MKQA"]  # paired on seed 0
+    assert upper_bound["difference"] == pytest.approx(-0.25) and upper_bound["standard_error"] == pytest.approx(0.05)
+    against_lora = differences["cc-paper (bilingual)", "lora", "MKQA"]
+    assert against_lora["difference"] == pytest.approx(-0.15) and against_lora["standard_error"] == pytest.approx(0.35)
     assert "Items per language: MKQA 2, XNLI 2 (cc-paper (off): MKQA 3, XNLI 3)." in text
     per_seed = {(r["system"], r["baseline"], r["seed"], r["benchmark"]): r for r in tables["differences_per_seed"]}
     # seed 0 against LoRA's seed 0: -0.3 and +0.5 per unit; seed 1 against LoRA's seed 1: -0.7 and -0.3
