@@ -50,7 +50,7 @@ ARMS: dict[str, tuple[dict | None, float | None]] = {
     "forced_last": ({"source_layers": [-1]}, None),
     "paper_default": ({"decision_maker": "paper"}, None),
     "decision_maker_lr_5e-2": ({}, 5e-2),
-    # The setting docs/decision_maker.md recommends (not the default, which is the paper's method: see there).
+    # `variance_reinforce_gated` (docs/decision_maker.md); the arm's name keys its records.
     "recommended": ({"decision_maker": "variance_reinforce_gated"}, None),
     # The same, starting from the layers whose English activation varies as the completions do (not the most varying).
     "recommended_completion_alignment": (

@@ -11,7 +11,7 @@ with `from_pretrained(quantization_config=...)`, the path users take; no weights
 
 One process, in this order: plain QLoRA (training steps, generation), then the LoRA layers are unloaded and the same
 quantized base gets a CC-Tuning adapter (training steps with and without `english_gradients`, generation with the
-shared prompt cache, a Transform Matrix fit), and last a CC-Tuning adapter with the recommended Decision Maker,
+shared prompt cache, a Transform Matrix fit), and last a CC-Tuning adapter with the other Decision Maker,
 `variance_reinforce_gated` (its English-variance initialisation, then training steps in its learning phase; the runs in
 docs/benchmarks.md used peft-cc 0.1's `variance_reinforce`, the same without the gate; the result key keeps that name).
 Each training variant reports the median step time (forward, backward, optimizer step) and the peak of torch's
@@ -240,7 +240,7 @@ def main() -> None:
     fit_seconds = seconds_of(partial(fit_transform_matrix, cc, pairs, batch_size=8, show_progress=False), device)
     results["cc"]["generate_seconds"] = time_generation(cc, prompts, args)
 
-    # The recommended Decision Maker (docs/decision_maker.md): its English-variance initialisation over 64 examples,
+    # `variance_reinforce_gated` (docs/decision_maker.md): its English-variance initialisation over 64 examples,
     # then training steps in its learning phase, where the REINFORCE term adds a per-row loss.
     base = cc.unload()
     del cc

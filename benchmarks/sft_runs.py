@@ -50,7 +50,7 @@ SYSTEMS: dict[str, System] = {
         System("base", "base", description="the model zero-shot"),
         System("lora", "lora", description="vanilla multilingual LoRA SFT"),
         System("cc-paper", "cc", {}, "CC-Tuning with the paper's settings (`CCConfig()` defaults)"),
-        System("cc-gated", "cc", GATED, 'CC-Tuning, `decision_maker="variance_reinforce_gated"` (recommended)'),
+        System("cc-gated", "cc", GATED, 'CC-Tuning, `decision_maker="variance_reinforce_gated"`'),
         System(
             "cc-gated-noen",
             "cc",

@@ -18,7 +18,7 @@ It writes the layer-choice statistics of the training logs to `<output-dir>/laye
     python examples/train_cc.py --model Qwen/Qwen2.5-0.5B-Instruct --languages de,fr --steps 200
     python examples/train_cc.py --dataset my_parallel.jsonl --prompt-column instruction \
         --english-column instruction_en --completion-column output      # any parallel dataset
-    python examples/train_cc.py --decision-maker variance_reinforce_gated   # the recommended Decision Maker
+    python examples/train_cc.py --decision-maker variance_reinforce_gated   # the other Decision Maker
 """
 
 from __future__ import annotations
@@ -90,8 +90,7 @@ def parse_args() -> argparse.Namespace:
         "--decision-maker",
         default="paper",
         choices=list(DECISION_MAKER_STRATEGIES),
-        help="Decision Maker strategy (docs/decision_maker.md): the paper's method, or the recommended "
-        "variance_reinforce_gated",
+        help="Decision Maker strategy (docs/decision_maker.md): the paper's method, or variance_reinforce_gated",
     )
     training.add_argument(
         "--transform-pairs", type=int, default=300, help="training pairs for the Transform Matrix (the paper: 1000)"

@@ -93,8 +93,8 @@ class CCConfig(LoraConfig):
     (CC-Tuning, ACL 2025, arXiv 2506.00875): the English FFN activation that the Decision Maker chooses among all
     layers is added to the residual stream at the anchor right after the first decoder layer, the choice is a hard
     Gumbel-Softmax sample at temperature 1 with straight-through gradients, and gradients flow through the English
-    pass. `decision_maker="variance_reinforce_gated"` selects the strategy `docs/decision_maker.md` recommends, whose
-    knobs are in `variance_reinforce_config`.
+    pass. `decision_maker="variance_reinforce_gated"` selects the strategy built to find one informative layer, whose
+    knobs are in `variance_reinforce_config` (`docs/decision_maker.md` says when it helps).
 
     Args:
         injection_layer (`int`, defaults to `0`):
@@ -159,7 +159,7 @@ class CCConfig(LoraConfig):
             "help": (
                 "How the Decision Maker starts and learns. 'paper': normal initialisation (std "
                 "`initializer_range`) and the straight-through gradient of the Gumbel-Softmax sample. "
-                "'variance_reinforce_gated' (recommended in docs/decision_maker.md): starts favouring the layers "
+                "'variance_reinforce_gated' (docs/decision_maker.md): starts favouring the layers "
                 "whose English activation varies most across training prompts, by default (see "
                 "`variance_reinforce_config.prior`; the trainer computes this from training examples; without it, "
                 "call `CCModel.initialize_decision_maker`), learns by REINFORCE "

@@ -1,4 +1,4 @@
-"""The Decision Maker strategies: the paper's, and the recommended `variance_reinforce_gated` (tiny models)."""
+"""The Decision Maker strategies: the paper's, and `variance_reinforce_gated` (tiny models)."""
 
 from __future__ import annotations
 
