@@ -24,7 +24,8 @@ class System:
         kind: `"base"` (the model zero-shot), `"lora"` (vanilla LoRA SFT, TRL's `SFTTrainer`) or `"cc"` (CC-Tuning,
             `CCSFTTrainer`).
         cc_options: the `CCConfig` options besides LoRA's, for a CC system.
-        description: what it is, for the report.
+        description: what it is, for the report. It is part of each run's recorded settings: edited, it makes the
+            finished runs read as runs with other settings.
     """
 
     name: str
@@ -50,7 +51,7 @@ SYSTEMS: dict[str, System] = {
         System("base", "base", description="the model zero-shot"),
         System("lora", "lora", description="vanilla multilingual LoRA SFT"),
         System("cc-paper", "cc", {}, "CC-Tuning with the paper's settings (`CCConfig()` defaults)"),
-        System("cc-gated", "cc", GATED, 'CC-Tuning, `decision_maker="variance_reinforce_gated"`'),
+        System("cc-gated", "cc", GATED, 'CC-Tuning, `decision_maker="variance_reinforce_gated"` (recommended)'),
         System(
             "cc-gated-noen",
             "cc",
