@@ -34,7 +34,7 @@ class CCArguments:
         default="paper",
         metadata={
             "help": "Decision Maker strategy (`CCConfig.decision_maker`): `paper` is the published method, "
-            "`variance_reinforce_gated` a start on the varying layers, REINFORCE and a gate (docs/decision_maker.md).",
+            "`variance_reinforce_gated` one built to find a single informative layer (docs/decision_maker.md).",
             "choices": list(DECISION_MAKER_STRATEGIES),
         },
     )
