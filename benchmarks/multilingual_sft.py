@@ -15,6 +15,10 @@ settings), so an interrupted experiment resumes where it stopped:
     python benchmarks/multilingual_sft.py all      --model smollm2     # every run above in turn, then the report
     python benchmarks/multilingual_sft.py plan     --model smollm2     # the invocations and their expected times
 
+What `all` and `plan` run, and the items and steps of every invocation, default to the model's design: with
+`--design reported` (the default) the runs docs/results.md reports for a packaged model, with `--design full` (and for
+any other model) every system on every benchmark, as sized from the pilot; the flags override it.
+
 `--model` is `smollm2` (HuggingFaceTB/SmolLM2-135M-Instruct), `gemma3` (google/gemma-3-270m, a base model whose
 packaged tokenizer has no chat template: it gets Gemma's turn format, :data:`GEMMA_CHAT_TEMPLATE`, in training and
 evaluation alike) or another Hub id or folder (with its tokenizer's chat template). Results go to
@@ -31,7 +35,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sft_mixture import TRAIN_BENCHMARKS, EvaluationSizes
@@ -53,29 +57,82 @@ GEMMA_CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
+class Design:
+    """What the experiment runs where the flags do not say otherwise.
+
+    Attributes:
+        steps: training steps (of `--batch-size` pairs).
+        loglik_items: per benchmark, the evaluated items per language (the first ones, in every language); the
+            training draws only from items after them.
+        generation_items: per benchmark, how many of those items are also generated.
+        secondary_loglik_items: per benchmark, the log-likelihood items of the evaluations that compare a CC adapter
+            with itself (:data:`SECONDARY_CONNECTIONS`): their paired differences vary less (docs/results.md,
+            "Sizing"), so they run the first of the items above.
+        systems: the systems of `all` and `plan` (names of :data:`sft_runs.SYSTEMS`).
+        seeds: the training seeds of `all` and `plan`.
+        bilingual_seeds: the seeds whose CC adapters are also evaluated with the bilingual connection.
+    """
+
+    steps: int
+    loglik_items: dict[str, int]
+    generation_items: dict[str, int]
+    secondary_loglik_items: dict[str, int]
+    systems: tuple[str, ...]
+    seeds: tuple[int, ...] = (0, 1)
+    bilingual_seeds: tuple[int, ...] = (0,)
+
+
+# The design sized from the pilot (docs/results.md, "Sizing"): every system and benchmark; about 9 hours for
+# SmolLM2-135M and 12 for Gemma-3-270M on the 2-core machine (`plan --design full`).
+FULL_DESIGN = Design(
+    steps=60,
+    loglik_items={"MKQA": 150, "XQuAD": 20, "XLSum": 6, "XNLI": 120, "XStoryCloze": 120, "MMMLU": 40},
+    generation_items={"MKQA": 40, "XQuAD": 8, "XLSum": 2},
+    secondary_loglik_items={"MKQA": 50, "XQuAD": 8, "XLSum": 2, "XNLI": 40, "XStoryCloze": 40, "MMMLU": 16},
+    systems=tuple(SYSTEMS),
+)
+
+
+@dataclass(frozen=True)
 class ModelPreset:
-    """A packaged model (examples/install_packaged_models.py), its evaluation batch size, and the chat template to
-    give its tokenizer (`None`: its own)."""
+    """A packaged model (examples/install_packaged_models.py), its evaluation batch size, the chat template to give
+    its tokenizer (`None`: its own), and the design of its runs in docs/results.md (`--design reported`)."""
 
     hub_id: str
     eval_batch_size: int
+    reported: Design
     chat_template: str | None = None
 
 
 MODELS: dict[str, ModelPreset] = {
-    "smollm2": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", eval_batch_size=8),
-    # 262k vocabulary: large logits, smaller batches.
-    "gemma3": ModelPreset("google/gemma-3-270m", eval_batch_size=4, chat_template=GEMMA_CHAT_TEMPLATE),
+    "smollm2": ModelPreset(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        eval_batch_size=8,
+        reported=Design(
+            steps=60,
+            loglik_items={"MKQA": 150, "XNLI": 120, "XStoryCloze": 120},
+            generation_items={"MKQA": 40},
+            secondary_loglik_items={"MKQA": 50, "XNLI": 40, "XStoryCloze": 40},
+            systems=("base", "lora", "cc-paper", "cc-gated"),
+        ),
+    ),
+    # 262k vocabulary: large logits, smaller batches; its steps and prompt tokens are dearer than SmolLM2's
+    # (docs/results.md, "Sizing"), hence fewer steps and items.
+    "gemma3": ModelPreset(
+        "google/gemma-3-270m",
+        eval_batch_size=4,
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        reported=Design(
+            steps=40,
+            loglik_items={"MKQA": 100, "XNLI": 80, "XStoryCloze": 80},
+            generation_items={"MKQA": 20},
+            secondary_loglik_items={"MKQA": 40, "XNLI": 40, "XStoryCloze": 40},
+            systems=("base", "lora", "cc-paper", "cc-gated"),
+            bilingual_seeds=(),
+        ),
+    ),
 }
-
-# The sizes, chosen from the pilot (docs/results.md, "Sizing"): items per language (the first ones, in every
-# language), and how many of them are also generated.
-LOGLIK_ITEMS = {"MKQA": 150, "XQuAD": 20, "XLSum": 6, "XNLI": 120, "XStoryCloze": 120, "MMMLU": 40}
-GENERATION_ITEMS = {"MKQA": 40, "XQuAD": 8, "XLSum": 2}
-STEPS = 60
-# The evaluations that compare a CC adapter with itself (connection off, bilingual) need fewer items: their paired
-# differences vary less (docs/results.md, "Sizing"). They run the first of the items above.
-SECONDARY_LOGLIK_ITEMS = {"MKQA": 50, "XQuAD": 8, "XLSum": 2, "XNLI": 40, "XStoryCloze": 40, "MMMLU": 16}
+# The connections evaluated on `Design.secondary_loglik_items`.
 SECONDARY_CONNECTIONS = ("off", "bilingual")
 
 
@@ -90,8 +147,9 @@ def parse_counts(text: str) -> dict[str, int]:
     return counts
 
 
-def _format_counts(counts: dict[str, int]) -> str:
-    return ",".join(f"{name}={count}" for name, count in counts.items())
+def parse_names(text: str) -> list[str]:
+    """`"base, lora"` -> `["base", "lora"]`."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def parse_ints(text: str) -> list[int]:
@@ -115,26 +173,48 @@ def parser() -> argparse.ArgumentParser:
         "--eval-data-root",
     )
     common.add_argument("--train-benchmarks", default=",".join(TRAIN_BENCHMARKS), help="benchmarks to train on")
-    common.add_argument("--steps", type=int, default=STEPS)
-    common.add_argument("--batch-size", type=int, default=8)
+    common.add_argument(
+        "--design",
+        choices=["reported", "full"],
+        default="reported",
+        help="the defaults of the flags below: `reported`, the runs of docs/results.md for a packaged model (for "
+        "another model: `full`); `full`, every system and benchmark, as sized from the pilot",
+    )
+    common.add_argument("--steps", type=int, help="training steps (default: the design's)")
+    common.add_argument("--batch-size", type=int, default=8, help="pairs per training step")
     common.add_argument("--learning-rate", type=float, default=5e-4)
     common.add_argument("--lora-r", type=int, default=16)
     common.add_argument("--max-length", type=int, default=256, help="longer training pairs are left out")
-    common.add_argument("--transform-pairs", type=int, default=200)
-    common.add_argument("--logging-steps", type=int, default=5)
+    common.add_argument(
+        "--transform-pairs",
+        type=int,
+        default=200,
+        help="English/non-English prompt pairs the Transform Matrix is fit on",
+    )
+    common.add_argument("--logging-steps", type=int, default=5, help="steps between two points of the loss curve")
     common.add_argument("--languages-per-benchmark", type=int, default=4, help="non-English languages, besides en")
-    common.add_argument("--loglik-items", type=parse_counts, default=LOGLIK_ITEMS, help="BENCHMARK=N,...")
-    common.add_argument("--generation-items", type=parse_counts, default=GENERATION_ITEMS, help="BENCHMARK=N,...")
+    common.add_argument(
+        "--loglik-items",
+        type=parse_counts,
+        help="BENCHMARK=N,...: evaluated items per language (default: the design's)",
+    )
+    common.add_argument(
+        "--generation-items", type=parse_counts, help="BENCHMARK=N,...: of those, generated (default: the design's)"
+    )
     common.add_argument(
         "--secondary-loglik-items",
         type=parse_counts,
-        default=SECONDARY_LOGLIK_ITEMS,
-        help="BENCHMARK=N,...: log-likelihood items of the connection=off and bilingual evaluations",
+        help="BENCHMARK=N,...: log-likelihood items of the connection=off and bilingual evaluations (default: the "
+        "design's)",
     )
     common.add_argument("--eval-batch-size", type=int, help="lm-eval's batch size (default: the model's preset)")
-    common.add_argument("--seeds", type=parse_ints, default=[0, 1])
-    common.add_argument("--bilingual-seeds", type=parse_ints, default=[0], help="seeds also run bilingually")
-    common.add_argument("--systems", default=",".join(SYSTEMS), help="the systems of `all` and `plan`")
+    common.add_argument("--seeds", type=parse_ints, help="training seeds of `all` and `plan` (default: the design's)")
+    common.add_argument(
+        "--bilingual-seeds", type=parse_ints, help="seeds also evaluated bilingually (default: the design's)"
+    )
+    common.add_argument(
+        "--systems", type=parse_names, help="NAME,...: the systems of `all` and `plan` (default: the design's)"
+    )
 
     main = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = main.add_subparsers(dest="command", required=True)
@@ -162,10 +242,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     main = parser()
     args = main.parse_args(argv)
     args.model_key, args.model_id, preset_batch = _model(args.model)
+    preset = MODELS.get(args.model)
+    design = preset.reported if preset is not None and args.design == "reported" else FULL_DESIGN
+    for field in fields(Design):
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, getattr(design, field.name))
     args.eval_batch_size = args.eval_batch_size or preset_batch
     args.eval_data_root = args.eval_data_root or args.data_root
-    args.system_names = [name.strip() for name in args.systems.split(",") if name.strip()]
-    unknown = set(args.system_names) - set(SYSTEMS)
+    unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         main.error(f"unknown systems {sorted(unknown)}: choose from {', '.join(SYSTEMS)}")
     try:
@@ -229,7 +313,7 @@ def evaluation_path(args: argparse.Namespace, system: str, seed: int | None, con
 def invocations(args: argparse.Namespace) -> Iterator[tuple[str, System, int | None, str | None]]:
     """`(command, system, seed, connection)` of every run of the experiment, in the order `all` runs them: the base
     model, then each seed's systems, each trained and then evaluated with its connections."""
-    systems = [SYSTEMS[name] for name in args.system_names]
+    systems = [SYSTEMS[name] for name in args.systems]
     if SYSTEMS["base"] in systems:
         yield "evaluate", SYSTEMS["base"], None, None
     for seed in args.seeds:

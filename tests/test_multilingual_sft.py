@@ -76,7 +76,8 @@ def test_too_few_rows_that_fit_is_an_error(tmp_path):
 
 @needs_data
 def test_no_evaluated_item_is_trained_on_in_any_language(smollm2_tokenizer):
-    sizes = EvaluationSizes(experiment.LOGLIK_ITEMS, experiment.GENERATION_ITEMS)
+    design = experiment.FULL_DESIGN
+    sizes = EvaluationSizes(design.loglik_items, design.generation_items)
     max_length = 256
     fits = sft_mixture.token_budget_check(smollm2_tokenizer, max_length)
     rows = sft_mixture.training_rows(DATA_ROOT, sizes, 400, fits)
@@ -213,7 +214,7 @@ def test_a_finished_training_is_skipped(tmp_path, monkeypatch):
 
 
 def test_the_experiment_runs_every_system_seed_and_connection():
-    args = experiment.parse_args(["all", "--seeds", "0,1", "--bilingual-seeds", "0"])
+    args = experiment.parse_args(["all", "--design", "full", "--seeds", "0,1", "--bilingual-seeds", "0"])
     runs = [
         (command, system.name, seed, connection) for command, system, seed, connection in experiment.invocations(args)
     ]
@@ -285,6 +286,28 @@ def test_arguments_are_checked():
     ):
         with pytest.raises(SystemExit):
             experiment.parse_args(wrong)
+
+
+def test_a_packaged_model_defaults_to_the_design_of_its_reported_runs():
+    gemma = experiment.parse_args(["all", "--model", "gemma3"])
+    assert gemma.steps == 40 and gemma.seeds == (0, 1) and gemma.bilingual_seeds == ()
+    assert gemma.systems == ("base", "lora", "cc-paper", "cc-gated")
+    assert gemma.sizes == EvaluationSizes({"MKQA": 100, "XNLI": 80, "XStoryCloze": 80}, {"MKQA": 20})
+    assert experiment.sizes_for(gemma, "off").loglik_items == {"MKQA": 40, "XNLI": 40, "XStoryCloze": 40}
+    smollm2 = experiment.parse_args(["plan", "--model", "smollm2"])
+    assert smollm2.steps == 60 and smollm2.bilingual_seeds == (0,)
+    assert smollm2.sizes.loglik_items == {"MKQA": 150, "XNLI": 120, "XStoryCloze": 120}
+    assert experiment.sizes_for(smollm2, "bilingual").loglik_items == {"MKQA": 50, "XNLI": 40, "XStoryCloze": 40}
+    # The full design, chosen or for a model without a preset; flags override either.
+    full = experiment.FULL_DESIGN
+    for argv in (["all", "--model", "gemma3", "--design", "full"], ["all", "--model", "someone/some-model"]):
+        args = experiment.parse_args(argv)
+        assert args.steps == full.steps and args.systems == full.systems == tuple(SYSTEMS)
+        assert args.sizes == EvaluationSizes(full.loglik_items, full.generation_items)
+    args = experiment.parse_args(["all", "--model", "gemma3", "--steps", "7", "--systems", "lora", "--seeds", ""])
+    assert (args.steps, args.systems, args.seeds, args.bilingual_seeds) == (7, ["lora"], [], ())
+    args = experiment.parse_args(["all", "--model", "gemma3", "--secondary-loglik-items", ""])  # no fewer items
+    assert experiment.sizes_for(args, "off") == args.sizes == gemma.sizes
 
 
 def test_evaluating_an_untrained_system_says_what_to_run(tmp_path):
