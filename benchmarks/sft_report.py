@@ -237,7 +237,8 @@ def describe_choice(choice: dict[str, Any] | None) -> str:
         share = choice.get("layer_frequency", {}).get(str(layer), choice.get("layer_frequency", {}).get(layer))
         parts.append(f"layer {layer}" + (f" ({100 * share:.0f}% of rows)" if share is not None else ""))
     if "choice_entropy" in choice:
-        parts.append(f"entropy {choice['choice_entropy']:.2f} nats")
+        # abs(): a record may hold -0.0, the entropy of a single chosen layer as -(1·log 1)
+        parts.append(f"entropy {abs(choice['choice_entropy']):.2f} nats")
     gates = choice.get("injection_gate")
     if gates and "most_chosen_layer" in choice:
         gate = gates.get(str(int(choice["most_chosen_layer"])), gates.get(int(choice["most_chosen_layer"])))

@@ -51,6 +51,12 @@ SYSTEMS: dict[str, System] = {
         System("base", "base", description="the model zero-shot"),
         System("lora", "lora", description="vanilla multilingual LoRA SFT"),
         System("cc-paper", "cc", {}, "CC-Tuning with the paper's settings (`CCConfig()` defaults)"),
+        System(
+            "cc-paper-noen",
+            "cc",
+            {"english_gradients": False},
+            "`cc-paper` with `english_gradients=False` (no gradient through the English pass)",
+        ),
         System("cc-gated", "cc", GATED, 'CC-Tuning, `decision_maker="variance_reinforce_gated"` (recommended)'),
         System(
             "cc-gated-noen",

@@ -192,7 +192,8 @@ class LayerChoiceCallback(TrainerCallback):
         frequency = per_source / connected
         nonzero = frequency[frequency > 0]
         most = int(per_source.argmax())
-        logs[f"{LOG_PREFIX}choice_entropy"] = float(-(nonzero * nonzero.log()).sum())
+        # sum of p·log(1/p): non-negative term by term, so a single chosen layer logs 0.0, not -0.0
+        logs[f"{LOG_PREFIX}choice_entropy"] = float((nonzero * nonzero.reciprocal().log()).sum())
         logs[f"{LOG_PREFIX}decision_entropy"] = entropy_sum / connected
         logs[f"{LOG_PREFIX}most_chosen_layer"] = self.source_layers[most]
         logs[f"{LOG_PREFIX}most_chosen_frequency"] = float(frequency[most])

@@ -223,7 +223,7 @@ def test_the_experiment_runs_every_system_seed_and_connection():
     assert len(trainings) == 4 * 2  # lora and three CC systems, two seeds
     evaluations = [run for run in runs if run[0] == "evaluate"]
     assert len(evaluations) == 1 + 2 + 3 * 2 * 2 + 3  # base, lora, CC mono and off, bilingual for seed 0
-    assert ("evaluate", "cc-gated-noen", 0, "bilingual") in runs and (
+    assert ("evaluate", "cc-paper-noen", 0, "bilingual") in runs and (
         "evaluate",
         "cc-paper",
         1,
@@ -232,6 +232,7 @@ def test_the_experiment_runs_every_system_seed_and_connection():
     for command, system, seed, connection in runs:  # each evaluation after its training
         if command == "evaluate" and seed is not None:
             assert runs.index(("train", system, seed, None)) < runs.index((command, system, seed, connection))
+    assert SYSTEMS["cc-paper-noen"].cc_options == {"english_gradients": False}
     assert SYSTEMS["cc-gated-noen"].cc_options == {
         "decision_maker": "variance_reinforce_gated",
         "english_gradients": False,
@@ -302,7 +303,7 @@ def test_a_packaged_model_defaults_to_the_design_of_its_reported_runs():
     full = experiment.FULL_DESIGN
     for argv in (["all", "--model", "gemma3", "--design", "full"], ["all", "--model", "someone/some-model"]):
         args = experiment.parse_args(argv)
-        assert args.steps == full.steps and args.systems == full.systems == tuple(SYSTEMS)
+        assert args.steps == full.steps and args.systems == full.systems and set(full.systems) <= set(SYSTEMS)
         assert args.sizes == EvaluationSizes(full.loglik_items, full.generation_items)
     args = experiment.parse_args(["all", "--model", "gemma3", "--steps", "7", "--systems", "lora", "--seeds", ""])
     assert (args.steps, args.systems, args.seeds, args.bilingual_seeds) == (7, ["lora"], [], ())
@@ -404,6 +405,11 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     assert "| lora | base | 2 | **−1.000 ± 0.000** | +25.000 ± 75.000 |" in text
     assert "layer 3 (60% of rows), entropy 1.20 nats; Transform Matrix held-out R² 0.900" in text
     assert "| **total** | **" in text and (folder / "evaluation" / "report.md").read_text() == text
+
+
+def test_a_single_chosen_layer_reads_as_zero_entropy():
+    choice = {"most_chosen_layer": 14, "layer_frequency": {"14": 1.0}, "choice_entropy": -0.0}
+    assert sft_report.describe_choice(choice) == "layer 14 (100% of rows), entropy 0.00 nats"
 
 
 # ------------------------------------------------------------------------------------------------- end to end

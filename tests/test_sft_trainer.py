@@ -481,6 +481,7 @@ def test_training_logs_the_layer_choice(trained):
         frequencies = [entry[f"cc/layer_frequency/{layer}"] for layer in sources]
         assert math.isclose(sum(frequencies), 1.0, rel_tol=1e-6)
         assert 0.0 <= entry["cc/choice_entropy"] <= math.log(len(sources)) + 1e-9
+        assert math.copysign(1.0, entry["cc/choice_entropy"]) == 1.0  # 0.0, never -0.0, for one chosen layer
         assert 0.0 <= entry["cc/decision_entropy"] <= math.log(len(sources)) + 1e-9
         assert entry["cc/most_chosen_layer"] in sources
         assert entry["cc/most_chosen_frequency"] == max(frequencies)
