@@ -68,13 +68,21 @@ def scores(records: dict[int | None, dict], seeds: Sequence[int | None] | None =
     return paired.seed_average([paired.scores_of_record(record) for record in chosen])
 
 
+def reference_setting(system: str) -> str:
+    """The CC system a CC system is compared with: a `-noen` one with the system it varies, any other with
+    `cc-paper`, the paper's settings."""
+    return system.removesuffix("-noen") if system.endswith("-noen") else "cc-paper"
+
+
 def comparisons(variants: dict[Variant, dict]) -> list[tuple[Variant, Variant]]:
     """The paired comparisons `(variant, baseline)` that the finished evaluations allow, in reading order."""
     cc = [system for system, spec in SYSTEMS.items() if spec.kind == "cc"]
     wanted = [(Variant("lora", None), Variant("base", None))]
     wanted += [(Variant(system, "monolingual"), Variant("lora", None)) for system in cc]
     wanted += [
-        (Variant(cc[index + 1], "monolingual"), Variant(cc[index], "monolingual")) for index in range(len(cc) - 1)
+        (Variant(system, "monolingual"), Variant(reference_setting(system), "monolingual"))
+        for system in cc
+        if system != "cc-paper"
     ]
     wanted += [(Variant(system, "monolingual"), Variant(system, "off")) for system in cc]
     wanted += [(Variant(system, "off"), Variant("lora", None)) for system in cc]  # the adapter's LoRA, alone
