@@ -1,11 +1,10 @@
 """Does CC-Tuning help? CC-Tuning against vanilla multilingual LoRA SFT on a real model, with the power to tell.
 
 Systems (:data:`sft_runs.SYSTEMS`), all trained on the same pairs, steps, LoRA settings and seeds: `base` (the model
-zero-shot), `lora` (vanilla LoRA SFT), `cc-paper` (CC-Tuning, the paper's settings),
-`cc-paper-noen` (the same with `english_gradients=False`), `cc-gated` (`decision_maker="variance_reinforce_gated"`)
-and `cc-gated-noen` (that with `english_gradients=False`). Every CC
-adapter is evaluated with the monolingual connection and with the connection off, and for the seeds of
-`--bilingual-seeds` with the bilingual one (the real English prompt: an upper bound).
+zero-shot), `lora` (vanilla LoRA SFT), `cc-paper` (CC-Tuning, the paper's settings), `cc-paper-noen` (the same with
+`english_gradients=False`), `cc-gated` (`decision_maker="variance_reinforce_gated"`) and `cc-gated-noen` (that with
+`english_gradients=False`). Every CC adapter is evaluated with the monolingual connection and with the connection off,
+and for the seeds of `--bilingual-seeds` with the bilingual one (the real English prompt: an upper bound).
 
 Each invocation does one thing and writes its result, and is skipped when that result is there already (with the same
 settings), so an interrupted experiment resumes where it stopped:
@@ -18,7 +17,7 @@ settings), so an interrupted experiment resumes where it stopped:
 
 What `all` and `plan` run, and the items and steps of every invocation, default to the model's design: with
 `--design reported` (the default) the runs docs/results.md reports for a packaged model, with `--design full` (and for
-any other model) every system on every benchmark, as sized from the pilot; the flags override it.
+any other model) the issue's five systems on every benchmark, as sized from the pilot; the flags override it.
 
 `--model` is `smollm2` (HuggingFaceTB/SmolLM2-135M-Instruct), `gemma3` (google/gemma-3-270m, a base model whose
 packaged tokenizer has no chat template: it gets Gemma's turn format, :data:`GEMMA_CHAT_TEMPLATE`, in training and
@@ -138,10 +137,15 @@ MODELS: dict[str, ModelPreset] = {
 SECONDARY_CONNECTIONS = ("off", "bilingual")
 
 
+def parse_names(text: str) -> list[str]:
+    """`"base, lora"` -> `["base", "lora"]`; `""` -> `[]`."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def parse_counts(text: str) -> dict[str, int]:
     """`"MKQA=150,XNLI=100"` -> `{"MKQA": 150, "XNLI": 100}`."""
     counts = {}
-    for part in filter(None, (part.strip() for part in text.split(","))):
+    for part in parse_names(text):
         name, separator, value = part.partition("=")
         if not separator or not re.fullmatch(r"\d+", value.strip()):
             raise argparse.ArgumentTypeError(f"Expected BENCHMARK=COUNT[,...], got {part!r}.")
@@ -149,15 +153,10 @@ def parse_counts(text: str) -> dict[str, int]:
     return counts
 
 
-def parse_names(text: str) -> list[str]:
-    """`"base, lora"` -> `["base", "lora"]`."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def parse_ints(text: str) -> list[int]:
     """`"0,1"` -> `[0, 1]`; `""` -> `[]`."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in parse_names(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"Expected comma-separated integers, got {text!r}.") from None
 
@@ -174,13 +173,15 @@ def parser() -> argparse.ArgumentParser:
         help="the folder (in the model's) of the evaluation records and the report: another one for another "
         "--eval-data-root",
     )
-    common.add_argument("--train-benchmarks", default=",".join(TRAIN_BENCHMARKS), help="benchmarks to train on")
+    common.add_argument(
+        "--train-benchmarks", type=parse_names, default=list(TRAIN_BENCHMARKS), help="NAME,...: benchmarks to train on"
+    )
     common.add_argument(
         "--design",
         choices=["reported", "full"],
         default="reported",
         help="the defaults of the flags below: `reported`, the runs of docs/results.md for a packaged model (for "
-        "another model: `full`); `full`, every system and benchmark, as sized from the pilot",
+        "another model: `full`); `full`, five systems on every benchmark, as sized from the pilot",
     )
     common.add_argument("--steps", type=int, help="training steps (default: the design's)")
     common.add_argument("--batch-size", type=int, default=8, help="pairs per training step")
@@ -345,7 +346,7 @@ def training_settings(args: argparse.Namespace):
         model=args.model_id,
         tokenizer=tokenizer_path(args),
         data_root=str(args.data_root),
-        benchmarks=tuple(name.strip() for name in args.train_benchmarks.split(",") if name.strip()),
+        benchmarks=tuple(args.train_benchmarks),
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
