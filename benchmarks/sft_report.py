@@ -4,13 +4,16 @@ It reads `adapters/*/training.json` and `evaluation/*.json` (whatever has finish
 `report.md`, `report.json` (every table row) and `curves.png` (training loss per run). Two trained systems are compared
 on the seeds both have, each averaged item by item over them, and again one seed at a time; every comparison is paired
 item by item (:mod:`paired_comparison`), with its standard error, and a difference beyond twice its standard error is
-in bold.
+in bold. Where a comparison has several seeds, the per-seed differences are summarised too, with their standard error
+across seeds: the spread between training runs, which the item-level one leaves out.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +124,37 @@ def seed_rows(variants: dict[Variant, dict], metrics_of: dict[str, Sequence[str]
                 continue
             pairs = _compare(variants, variant, [seed], baseline, [baseline_seed], metrics_of, languages)
             rows += [{**row, "seed": seed} for row in pairs]
+    return rows
+
+
+def across_seed_rows(per_seed: Sequence[dict]) -> list[dict]:
+    """Per comparison and (benchmark, metric) of :func:`seed_rows` with at least 2 seeds: the mean of the per-seed
+    differences and its standard error across seeds (their sample standard deviation / √seeds; with two seeds, half
+    the gap between them), seed noise included where the item-level standard error leaves it out. `beyond_2se` is the
+    same rule as elsewhere; with two seeds it holds exactly when both seeds have the same sign and the smaller
+    difference is more than a third of the larger: a consistency check (one degree of freedom), not a test."""
+    groups: dict[tuple[str, str, str, str], list[float]] = {}
+    for row in per_seed:
+        key = (row["system"], row["baseline"], row["benchmark"], row["metric"])
+        groups.setdefault(key, []).append(row["difference"])
+    rows = []
+    for (system, baseline, benchmark, metric), differences in groups.items():
+        if len(differences) < 2:
+            continue
+        mean = statistics.fmean(differences)
+        standard_error = statistics.stdev(differences) / math.sqrt(len(differences))
+        rows.append(
+            {
+                "system": system,
+                "baseline": baseline,
+                "seeds": len(differences),
+                "benchmark": benchmark,
+                "metric": metric,
+                "difference": mean,
+                "standard_error": standard_error,
+                "beyond_2se": abs(mean) > 2 * standard_error,
+            }
+        )
     return rows
 
 
@@ -314,12 +348,14 @@ def write_report(folder: Path, evaluation_dir: str = "evaluation") -> str:
     trainings = load_trainings(folder)
     loglik = {benchmark: (metric,) for benchmark, metric in LOGLIK_METRIC.items()}
     generation = {benchmark: metrics for benchmark, metrics in GENERATION_METRICS.items()}
+    per_seed = seed_rows(variants, loglik)
     tables = {
         "levels": level_rows(variants, loglik),
         "levels_english": level_rows(variants, loglik, [paired.ENGLISH]),
         "differences": paired_rows(variants, loglik),
         "differences_english": paired_rows(variants, loglik, [paired.ENGLISH]),
-        "differences_per_seed": seed_rows(variants, loglik),
+        "differences_per_seed": per_seed,
+        "differences_across_seeds": across_seed_rows(per_seed),
         "generation_levels": level_rows(variants, generation),
         "generation_differences": paired_rows(variants, generation),
     }
@@ -335,6 +371,12 @@ def write_report(folder: Path, evaluation_dir: str = "evaluation") -> str:
         difference_table(tables["differences"]),
         "## The same, one seed at a time (non-English)\n" if tables["differences_per_seed"] else "",
         difference_table(tables["differences_per_seed"], "seed") if tables["differences_per_seed"] else "",
+        "## Across seeds: the per-seed differences' mean ± their standard error over seeds (non-English)\n\n"
+        "With two seeds the standard error is half their gap; bold: beyond 2 of them, which with two seeds means both "
+        "have the same sign and the smaller is more than a third of the larger (a consistency check, not a test).\n"
+        if tables["differences_across_seeds"]
+        else "",
+        difference_table(tables["differences_across_seeds"]) if tables["differences_across_seeds"] else "",
         "## English\n",
         level_table(tables["levels_english"]),
         difference_table(tables["differences_english"]),

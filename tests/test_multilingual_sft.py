@@ -396,6 +396,17 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     assert per_seed["lora", "base", 1, "MKQA"]["difference"] == pytest.approx(-0.7)  # the base model's one record
     assert not any(system == "cc-paper (off)" for system, *_ in per_seed)  # one seed: nothing to tell apart
     assert "| cc-paper | lora | 1 | **−0.500 ± 0.200** |" in text
+    across = {(r["system"], r["baseline"], r["benchmark"]): r for r in tables["differences_across_seeds"]}
+    # LoRA against base: -1.3 and -0.7 per seed, so ± 0.3 across seeds where the items alone said ± 0.000
+    assert across["lora", "base", "MKQA"]["difference"] == pytest.approx(-1.0)
+    assert across["lora", "base", "MKQA"]["standard_error"] == pytest.approx(0.3)
+    assert across["lora", "base", "MKQA"]["beyond_2se"] and across["lora", "base", "MKQA"]["seeds"] == 2
+    # CC against LoRA: +0.1 and -0.5, seeds of opposite sign are never beyond 2 standard errors
+    assert across["cc-paper", "lora", "MKQA"]["difference"] == pytest.approx(-0.2)
+    assert across["cc-paper", "lora", "MKQA"]["standard_error"] == pytest.approx(0.3)
+    assert not across["cc-paper", "lora", "MKQA"]["beyond_2se"]
+    assert not any(system == "cc-paper (off)" for system, *_ in across)
+    assert "| lora | base | 2 | **−1.000 ± 0.300** |" in text
     levels = {(r["variant"], r["benchmark"]): r for r in tables["levels"]}
     assert levels["base", "MKQA"]["mean"] == pytest.approx(4.5) and levels["base", "MKQA"][
         "standard_error"
