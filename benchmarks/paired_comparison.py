@@ -111,6 +111,11 @@ def unit_means(scores: Scores) -> list[float]:
     return [statistics.fmean(values) for _, values in sorted(units.items())]
 
 
+def sample_mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
+    """`(mean, standard error)` of independent values: their sample standard deviation / √count (at least 2)."""
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
 def mean_and_standard_error(scores: Scores) -> tuple[float, float, int]:
     """`(mean, standard error, item indices)` of scores pooled over languages, an item index as one unit.
 
@@ -120,7 +125,7 @@ def mean_and_standard_error(scores: Scores) -> tuple[float, float, int]:
     units = unit_means(scores)
     if len(units) < 2:
         raise ValueError(f"Need at least 2 items for a standard error, got {len(units)}.")
-    return statistics.fmean(units), statistics.stdev(units) / math.sqrt(len(units)), len(units)
+    return *sample_mean_and_standard_error(units), len(units)
 
 
 def paired_difference(system: Scores, baseline: Scores) -> dict:

@@ -11,9 +11,7 @@ across seeds: the spread between training runs, which the item-level one leaves 
 from __future__ import annotations
 
 import json
-import math
 import re
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +127,10 @@ def seed_rows(variants: dict[Variant, dict], metrics_of: dict[str, Sequence[str]
 
 def across_seed_rows(per_seed: Sequence[dict]) -> list[dict]:
     """Per comparison and (benchmark, metric) of :func:`seed_rows` with at least 2 seeds: the mean of the per-seed
-    differences and its standard error across seeds (their sample standard deviation / √seeds; with two seeds, half
-    the gap between them), seed noise included where the item-level standard error leaves it out. `beyond_2se` is the
-    same rule as elsewhere; with two seeds it holds exactly when both seeds have the same sign and the smaller
-    difference is more than a third of the larger: a consistency check (one degree of freedom), not a test."""
+    differences and its standard error across seeds (a seed as one unit; with two seeds, half the gap between them),
+    seed noise included where the item-level standard error leaves it out. `beyond_2se` is the same rule as elsewhere;
+    with two seeds it holds exactly when both seeds have the same sign and the smaller difference is more than a third
+    of the larger: a consistency check (one degree of freedom), not a test."""
     groups: dict[tuple[str, str, str, str], list[float]] = {}
     for row in per_seed:
         key = (row["system"], row["baseline"], row["benchmark"], row["metric"])
@@ -141,8 +139,7 @@ def across_seed_rows(per_seed: Sequence[dict]) -> list[dict]:
     for (system, baseline, benchmark, metric), differences in groups.items():
         if len(differences) < 2:
             continue
-        mean = statistics.fmean(differences)
-        standard_error = statistics.stdev(differences) / math.sqrt(len(differences))
+        mean, standard_error = paired.sample_mean_and_standard_error(differences)
         rows.append(
             {
                 "system": system,
