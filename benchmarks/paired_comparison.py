@@ -116,6 +116,11 @@ def sample_mean_and_standard_error(values: Sequence[float]) -> tuple[float, floa
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
+def beyond_two_standard_errors(difference: float, standard_error: float) -> bool:
+    """Whether `difference` is larger in size than twice its standard error (the reports' bold)."""
+    return abs(difference) > 2 * standard_error
+
+
 def mean_and_standard_error(scores: Scores) -> tuple[float, float, int]:
     """`(mean, standard error, item indices)` of scores pooled over languages, an item index as one unit.
 
@@ -152,7 +157,7 @@ def paired_difference(system: Scores, baseline: Scores) -> dict:
         "difference": difference,
         "standard_error": standard_error,
         "sd": standard_error * math.sqrt(units),
-        "beyond_2se": abs(difference) > 2 * standard_error,
+        "beyond_2se": beyond_two_standard_errors(difference, standard_error),
     }
 
 

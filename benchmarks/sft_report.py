@@ -128,9 +128,10 @@ def seed_rows(variants: dict[Variant, dict], metrics_of: dict[str, Sequence[str]
 def across_seed_rows(per_seed: Sequence[dict]) -> list[dict]:
     """Per comparison and (benchmark, metric) of :func:`seed_rows` with at least 2 seeds: the mean of the per-seed
     differences and its standard error across seeds (a seed as one unit; with two seeds, half the gap between them),
-    seed noise included where the item-level standard error leaves it out. `beyond_2se` is the same rule as elsewhere;
-    with two seeds it holds exactly when both seeds have the same sign and the smaller difference is more than a third
-    of the larger: a consistency check (one degree of freedom), not a test."""
+    seed noise included where the item-level standard error leaves it out. `beyond_2se` is
+    :func:`paired_comparison.beyond_two_standard_errors`; with two seeds it holds exactly when both seeds have the same
+    sign and the smaller difference is more than a third of the larger: a consistency check (one degree of freedom),
+    not a test."""
     groups: dict[tuple[str, str, str, str], list[float]] = {}
     for row in per_seed:
         key = (row["system"], row["baseline"], row["benchmark"], row["metric"])
@@ -149,7 +150,7 @@ def across_seed_rows(per_seed: Sequence[dict]) -> list[dict]:
                 "metric": metric,
                 "difference": mean,
                 "standard_error": standard_error,
-                "beyond_2se": abs(mean) > 2 * standard_error,
+                "beyond_2se": paired.beyond_two_standard_errors(mean, standard_error),
             }
         )
     return rows

@@ -77,6 +77,12 @@ def test_the_languages_of_one_item_are_one_unit_of_the_standard_error():
         paired.paired_difference({("de", 0): 1.0, ("zh", 0): 2.0}, {("de", 0): 1.0, ("zh", 0): 1.0})
 
 
+def test_beyond_two_standard_errors_is_strict_and_two_sided():
+    assert paired.beyond_two_standard_errors(-0.21, 0.1) and paired.beyond_two_standard_errors(0.21, 0.1)
+    assert not paired.beyond_two_standard_errors(0.2, 0.1)  # exactly two standard errors is not beyond
+    assert not paired.beyond_two_standard_errors(0.0, 0.0)  # no difference, however certain, is not bold
+
+
 def test_a_folder_of_evaluation_records_is_read_by_name_pattern(tmp_path):
     def record(values: list[float]) -> dict:
         return {"items": {"XNLI": {"ar": {str(i): {"acc": v} for i, v in enumerate(values)}}}}
