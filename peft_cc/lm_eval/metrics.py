@@ -32,14 +32,20 @@ def exact_match(prediction: str, answers: Answers, language: str | None = None) 
     return float(any(predicted == normalize_text(answer, language) for answer in _as_list(answers)))
 
 
+def _f1_of_matches(matches: int, predicted_length: int, gold_length: int) -> float:
+    """F1: the harmonic mean of precision `matches / predicted_length` and recall `matches / gold_length` (both
+    lengths positive); 0.0 when nothing matches."""
+    if matches == 0:
+        return 0.0
+    precision, recall = matches / predicted_length, matches / gold_length
+    return 2 * precision * recall / (precision + recall)
+
+
 def _f1(predicted: list[str], gold: list[str]) -> float:
     if not predicted or not gold:
         return float(predicted == gold)
     overlap = sum((Counter(predicted) & Counter(gold)).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(predicted), overlap / len(gold)
-    return 2 * precision * recall / (precision + recall)
+    return _f1_of_matches(overlap, len(predicted), len(gold))
 
 
 def token_f1(prediction: str, answers: Answers, language: str | None = None) -> float:
@@ -94,8 +100,4 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
     gold = normalized_tokens(reference)
     if not predicted or not gold:
         return 0.0
-    common = _lcs_length(predicted, gold)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
+    return _f1_of_matches(_lcs_length(predicted, gold), len(predicted), len(gold))
