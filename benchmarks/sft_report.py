@@ -24,6 +24,8 @@ from sft_train import RECORD, layer_choice, loss_curve
 
 RUN_NAME = re.compile(r"^(?P<system>.+?)(?:-seed(?P<seed>\d+))?(?:-(?P<connection>monolingual|off|bilingual))?$")
 BENCHMARK_ORDER = ("MKQA", "XQuAD", "XLSum", "XNLI", "XStoryCloze", "MMMLU")
+# In the curves, a system has its colour and a seed its line style: seed 0 solid, 1 dashed, 2 dotted, 3 dash-dotted.
+SEED_LINE_STYLES = ("-", "--", ":", "-.")
 
 
 @dataclass(frozen=True)
@@ -327,7 +329,7 @@ def plot_curves(trainings: dict[str, dict], path: Path) -> bool:
         match = RUN_NAME.match(name)
         curve = loss_curve(record)
         if curve:
-            style = "-" if match["seed"] in (None, "0") else "--"
+            style = SEED_LINE_STYLES[int(match["seed"] or 0) % len(SEED_LINE_STYLES)]
             axis.plot(*zip(*curve), style, color=colors.get(match["system"], "k"), label=name)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss (nats per completion token)")

@@ -338,6 +338,28 @@ def evaluation(nll: dict[str, list[float]], acc: dict[str, list[float]], seconds
     }
 
 
+def test_the_curves_give_a_system_one_colour_and_each_seed_its_own_line_style(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes  # the [dev] extra's
+
+    plotted = {}
+    plot = Axes.plot
+
+    def recording_plot(axis, *args, **kwargs):
+        lines = plot(axis, *args, **kwargs)
+        plotted[kwargs["label"]] = (lines[0].get_color(), lines[0].get_linestyle())
+        return lines
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    record = {"log_history": [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}]}
+    names = ["lora-seed0", "lora-seed1", "lora-seed2", "cc-paper-seed0", "cc-paper-seed2"]
+    assert sft_report.plot_curves(dict.fromkeys(names, record), tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert len({plotted[name][0] for name in names[:3]}) == 1  # one colour for LoRA's three seeds
+    assert plotted["cc-paper-seed0"][0] != plotted["lora-seed0"][0]
+    assert [plotted[name][1] for name in names[:3]] == ["-", "--", ":"]
+    assert plotted["cc-paper-seed2"][1] == plotted["lora-seed2"][1]
+
+
 def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_standard_errors(tmp_path):
     folder = tmp_path / "smollm2"
     records = {

@@ -481,7 +481,6 @@ def test_training_logs_the_layer_choice(trained):
         frequencies = [entry[f"cc/layer_frequency/{layer}"] for layer in sources]
         assert math.isclose(sum(frequencies), 1.0, rel_tol=1e-6)
         assert 0.0 <= entry["cc/choice_entropy"] <= math.log(len(sources)) + 1e-9
-        assert math.copysign(1.0, entry["cc/choice_entropy"]) == 1.0  # 0.0, never -0.0, for one chosen layer
         assert 0.0 <= entry["cc/decision_entropy"] <= math.log(len(sources)) + 1e-9
         assert entry["cc/most_chosen_layer"] in sources
         assert entry["cc/most_chosen_frequency"] == max(frequencies)
@@ -489,6 +488,19 @@ def test_training_logs_the_layer_choice(trained):
     # Every row is seen once; the one whose English prompt was too long is the only unconnected one.
     assert sum(entry["cc/unconnected_rows"] for entry in logs) == 1
     assert not any("gate" in key for entry in logs for key in entry)  # no injection gate in this adapter
+
+
+def test_a_single_candidate_layer_logs_a_choice_entropy_of_plus_zero(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tokenizer, peft_config=cc_config(source_layers=[1]), max_steps=2, transform_pairs=0, logging_steps=1
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["cc/most_chosen_layer"] == 1 and entry["cc/most_chosen_frequency"] == 1.0
+        assert entry["cc/choice_entropy"] == 0.0
+        assert math.copysign(1.0, entry["cc/choice_entropy"]) == 1.0  # +0.0, not -0.0: a log shows "0.0"
 
 
 def test_evaluation_logs_no_layer_choice(trained):
