@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -135,6 +136,8 @@ MODELS: dict[str, ModelPreset] = {
 }
 # The connections evaluated on `Design.secondary_loglik_items`.
 SECONDARY_CONNECTIONS = ("off", "bilingual")
+# The options that choose which invocations `all` and `plan` run: not the settings of any one of them.
+SCHEDULE_OPTIONS = ("systems", "seeds", "bilingual_seeds")
 
 
 def parse_names(text: str) -> list[str]:
@@ -161,7 +164,8 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"Expected comma-separated integers, got {text!r}.") from None
 
 
-def parser() -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
+    """The options every command takes: the model, the folders, and the settings of the runs."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="smollm2", help=f"{' or '.join(MODELS)}, or a Hub id or folder")
     common.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "multilingual_sft"))
@@ -218,7 +222,11 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--systems", type=parse_names, help="NAME,...: the systems of `all` and `plan` (default: the design's)"
     )
+    return common
 
+
+def parser() -> argparse.ArgumentParser:
+    common = common_options()
     main = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = main.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", parents=[common], help="train one system with one seed")
@@ -244,6 +252,9 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     main = parser()
     args = main.parse_args(argv)
+    # The options given that differ from their defaults, parsed: what `command_line` repeats.
+    defaults = vars(common_options().parse_args([]))
+    args.given = {name: getattr(args, name) for name, default in defaults.items() if getattr(args, name) != default}
     args.model_key, args.model_id, preset_batch = _model(args.model)
     preset = MODELS.get(args.model)
     design = preset.reported if preset is not None and args.design == "reported" else FULL_DESIGN
@@ -329,14 +340,28 @@ def invocations(args: argparse.Namespace) -> Iterator[tuple[str, System, int | N
                 yield "evaluate", system, seed, connection
 
 
+def option_text(value: object) -> str:
+    """An option's parsed value as it is typed: the inverse of :func:`parse_counts`, :func:`parse_names` and
+    :func:`parse_ints`."""
+    if isinstance(value, dict):
+        return ",".join(f"{name}={count}" for name, count in value.items())
+    if isinstance(value, list):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
 def command_line(args: argparse.Namespace, command: str, system: System, seed: int | None, connection: str | None):
-    """The command that runs one invocation with the settings of `args`."""
-    parts = ["python benchmarks/multilingual_sft.py", command, f"--model {args.model}", f"--system {system.name}"]
+    """The command that runs one invocation with the settings of `args`: the invocation's own options, then every
+    option given on `args`' command line but those that choose which invocations `all` and `plan` run."""
+    parts = ["python", "benchmarks/multilingual_sft.py", command, "--model", args.model, "--system", system.name]
     if seed is not None:
-        parts.append(f"--seed {seed}")
+        parts += ["--seed", str(seed)]
     if connection is not None:
-        parts.append(f"--connection {connection}")
-    return " ".join(parts)
+        parts += ["--connection", connection]
+    for name, value in args.given.items():
+        if name not in ("model", *SCHEDULE_OPTIONS):
+            parts += [f"--{name.replace('_', '-')}", option_text(value)]
+    return shlex.join(parts)
 
 
 def training_settings(args: argparse.Namespace):

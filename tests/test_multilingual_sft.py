@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 
 import multilingual_sft as experiment
 import pytest
@@ -313,8 +315,36 @@ def test_a_packaged_model_defaults_to_the_design_of_its_reported_runs():
 
 def test_evaluating_an_untrained_system_says_what_to_run(tmp_path):
     args = experiment.parse_args(["evaluate", "--system", "lora", "--seed", "0", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="train --model smollm2 --system lora --seed 0"):
+    command = f"train --model smollm2 --system lora --seed 0 --output-dir {tmp_path}"
+    with pytest.raises(SystemExit, match=re.escape(command)):
         experiment.run(args, "evaluate", SYSTEMS["lora"], 0, None)
+
+
+def test_a_listed_invocation_runs_with_the_settings_it_was_listed_with(tmp_path):
+    # What `plan` and `all` list must run as they would: with every setting given to them, and not their schedule.
+    output_dir = str(tmp_path / "a folder")
+    args = experiment.parse_args(
+        ["plan", "--output-dir", output_dir, "--design", "full", "--steps", "7", "--learning-rate", "1e-4"]
+        + ["--loglik-items", "XQuAD=20,MMMLU=40", "--generation-items", "XQuAD=8", "--secondary-loglik-items", ""]
+        + ["--train-benchmarks", "MMMLU", "--systems", "lora,cc-paper", "--seeds", "3", "--bilingual-seeds", "3"]
+    )
+    listed = list(experiment.invocations(args))
+    assert {connection for *_, connection in listed} == {None, "monolingual", "off", "bilingual"}
+    for command, system, seed, connection in listed:
+        line = experiment.command_line(args, command, system, seed, connection)
+        python, script, *argv = shlex.split(line)
+        assert (python, script) == ("python", "benchmarks/multilingual_sft.py")
+        assert not {"--systems", "--seeds", "--bilingual-seeds"} & set(argv)
+        again = experiment.parse_args(argv)
+        assert (again.command, again.system, again.seed) == (command, system.name, seed)
+        assert getattr(again, "connection", None) == connection
+        assert experiment.training_settings(again) == experiment.training_settings(args)
+        assert experiment.evaluation_settings(again) == experiment.evaluation_settings(args)
+        assert experiment.sizes_for(again, connection) == experiment.sizes_for(args, connection)
+        assert experiment.adapter_dir(again, system.name, seed) == experiment.adapter_dir(args, system.name, seed)
+        path = experiment.evaluation_path(again, system.name, seed, connection)
+        assert path == experiment.evaluation_path(args, system.name, seed, connection)
+    assert experiment.training_settings(args).steps == 7 and args.sizes.loglik_items == {"XQuAD": 20, "MMMLU": 40}
 
 
 # ------------------------------------------------------------------------------------------------- the report
@@ -542,10 +572,11 @@ def test_the_plan_multiplies_the_rates_by_the_token_counts_and_sizes(tmp_path, s
     mono = sft_plan.evaluation_seconds(settings, args.sizes, "monolingual", rates, count)
     assert mono - 10 == pytest.approx(2 * (expected - 10) - 2 * 2 * 40 * 0.1)  # forwards doubled, decoding not
     table = sft_plan.plan(args, rates)
-    assert (
-        f"| `python benchmarks/multilingual_sft.py evaluate --model smollm2 --system base` | {expected:.0f} |" in table
-    )
-    assert "| `python benchmarks/multilingual_sft.py train --model smollm2 --system lora --seed 0` | 50 |" in table
+    given = ["--data-root", root, "--steps", "10", "--languages-per-benchmark", "1", "--loglik-items", "MKQA=5,XNLI=4"]
+    flags = shlex.join([*given, "--generation-items", "MKQA=2"])  # those of `args` but its schedule's
+    script = "python benchmarks/multilingual_sft.py"
+    assert f"| `{script} evaluate --model smollm2 --system base {flags}` | {expected:.0f} |" in table
+    assert f"| `{script} train --model smollm2 --system lora --seed 0 {flags}` | 50 |" in table
     assert f"| total | {2 * expected + 50:.0f} " in table
     with pytest.raises(ValueError, match="no training rate for lora"):
         sft_plan.plan(args, rates | {"step": {}})
