@@ -103,8 +103,8 @@ def check_held_out(sizes: EvaluationSizes, held_out: dict[str, int] | None) -> N
     """Refuse to evaluate an item that the adapter may have been trained on.
 
     Args:
-        held_out: per benchmark, the first item index the adapter's training could draw from (its training
-            record's `held_out`); `None` for the base model.
+        held_out: per benchmark, the first item index the adapter's training could draw from
+            (:func:`sft_train.trainable_from`); a benchmark not in it was not trained on; `None` for the base model.
 
     Raises:
         ValueError: a benchmark is evaluated on more items than the adapter's training held out.

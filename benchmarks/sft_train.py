@@ -150,6 +150,13 @@ def _trainer(
     raise ValueError(f"{system.name} is not trained (kind {system.kind!r}).")
 
 
+def trainable_from(record: dict[str, Any]) -> dict[str, int]:
+    """Per benchmark, the first item index a training record's run could train on: its `held_out` count, and 0 for a
+    benchmark it trained on with none held out (e.g. MMMLU under a design that evaluates no MMMLU item)."""
+    settings = record["settings"]
+    return dict.fromkeys(settings["benchmarks"], 0) | settings["held_out"]
+
+
 def loss_curve(record: dict[str, Any]) -> list[tuple[int, float]]:
     """`(step, training loss)` of every logging window of a training record."""
     return [(entry["step"], entry["loss"]) for entry in record["log_history"] if "loss" in entry]

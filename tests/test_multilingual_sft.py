@@ -162,6 +162,23 @@ def test_evaluating_items_the_adapter_may_have_trained_on_is_refused():
         sft_evaluate.check_held_out(sizes, {"MKQA": 100})
 
 
+def test_a_benchmark_trained_on_with_no_item_held_out_is_not_evaluated(tmp_path):
+    # Gemma's reported adapters trained on MMMLU from index 0: its design evaluates no MMMLU item, so holds none out.
+    args = experiment.parse_args(
+        ["evaluate", "--system", "lora", "--seed", "0", "--output-dir", str(tmp_path), "--generation-items", ""]
+        + ["--loglik-items", "MMMLU=40"]
+    )
+    settings = {"benchmarks": ["MKQA", "XNLI", "XStoryCloze", "MMMLU"], "held_out": {"MKQA": 100, "XNLI": 80}}
+    write_finished(experiment.adapter_dir(args, "lora", 0) / sft_train.RECORD, settings, {})
+    with pytest.raises(
+        ValueError, match="MMMLU: 40 items to evaluate, but the adapter was trained on items from index 0"
+    ):
+        experiment.run(args, "evaluate", SYSTEMS["lora"], 0, None)
+    trainable = sft_train.trainable_from({"settings": settings})
+    assert trainable == {"MKQA": 100, "XNLI": 80, "XStoryCloze": 0, "MMMLU": 0}
+    sft_evaluate.check_held_out(EvaluationSizes({"XQuAD": 20, "MKQA": 100}, {}), trainable)  # XQuAD: not trained on
+
+
 def test_evaluation_parts_split_generated_from_loglik_items(tmp_path):
     root = tiny_root(tmp_path)
     settings = sft_evaluate.EvaluationSettings("m", None, root, languages_per_benchmark=1, batch_size=1)
