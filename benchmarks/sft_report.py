@@ -1,11 +1,12 @@
 """The report of the multilingual SFT experiment, assembled from the finished runs of one model's folder.
 
-It reads `adapters/*/training.json` and `evaluation/*.json` (whatever has finished) and writes, beside the latter,
-`report.md`, `report.json` (every table row) and `curves.png` (training loss per run). Two trained systems are compared
-on the seeds both have, each averaged item by item over them, and again one seed at a time; every comparison is paired
-item by item (:mod:`paired_comparison`), with its standard error, and a difference beyond twice its standard error is
-in bold. Where a comparison has several seeds, the per-seed differences are summarised too, with their standard error
-across seeds: the spread between training runs, which the item-level one leaves out.
+It reads `evaluation/*.json` and the `adapters/*/training.json` of the adapters evaluated there (whatever has finished)
+and writes, beside the former, `report.md`, `report.json` (every table row) and `curves.png` (training loss per run).
+Two trained systems are compared on the seeds both have, each averaged item by item over them, and again one seed at a
+time; every comparison is paired item by item (:mod:`paired_comparison`), with its standard error, and a difference
+beyond twice its standard error is in bold. Where a comparison has several seeds, the per-seed differences are
+summarised too, with their standard error across seeds: the spread between training runs, which the item-level one
+leaves out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import paired_comparison as paired
 from sft_evaluate import GENERATION_METRICS, LOGLIK_METRIC
-from sft_runs import SYSTEMS
+from sft_runs import SYSTEMS, run_name
 from sft_train import RECORD, layer_choice, loss_curve
 
 RUN_NAME = re.compile(r"^(?P<system>.+?)(?:-seed(?P<seed>\d+))?(?:-(?P<connection>monolingual|off|bilingual))?$")
@@ -63,6 +64,13 @@ def load_trainings(folder: Path) -> dict[str, dict]:
     return {
         path.parent.name: json.loads(path.read_text()) for path in sorted((folder / "adapters").glob(f"*/{RECORD}"))
     }
+
+
+def evaluated_trainings(trainings: dict[str, dict], variants: dict[Variant, dict]) -> dict[str, dict]:
+    """The trainings of `trainings` whose adapters `variants` evaluate: another evaluation folder of the same model
+    folder may score only some of its adapters."""
+    evaluated = {run_name(variant.system, seed) for variant, records in variants.items() for seed in records}
+    return {name: record for name, record in trainings.items() if name in evaluated}
 
 
 def scores(records: dict[int | None, dict], seeds: Sequence[int | None] | None = None) -> paired.SystemScores:
@@ -345,7 +353,7 @@ def write_report(folder: Path, evaluation_dir: str = "evaluation") -> str:
     model folder `folder`; returns the Markdown."""
     variants = load_evaluations(folder, evaluation_dir)
     output = folder / evaluation_dir
-    trainings = load_trainings(folder)
+    trainings = evaluated_trainings(load_trainings(folder), variants)
     loglik = {benchmark: (metric,) for benchmark, metric in LOGLIK_METRIC.items()}
     generation = {benchmark: metrics for benchmark, metrics in GENERATION_METRICS.items()}
     per_seed = seed_rows(variants, loglik)

@@ -430,7 +430,7 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
         (folder / "evaluation" / f"{name}.json").write_text(json.dumps(record))
     log = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5, "cc/choice_entropy": 1.2, "cc/most_chosen_layer": 3}]
     log[1] |= {"cc/layer_frequency/3": 0.6, "cc/layer_frequency/1": 0.4, "cc/transform_r2_heldout": 0.9}
-    for name in ("lora-seed0", "cc-paper-seed0"):
+    for name in ("lora-seed0", "cc-paper-seed0", "cc-gated-seed0"):  # cc-gated: trained, not evaluated here
         (folder / "adapters" / name).mkdir(parents=True)
         training = {"settings": {"steps": 10}, "log_history": log, "seconds": {"training": 100.0, "total": 120.0}}
         (folder / "adapters" / name / sft_train.RECORD).write_text(json.dumps(training))
@@ -457,6 +457,7 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     against_lora = differences["cc-paper (bilingual)", "lora", "MKQA"]
     assert against_lora["difference"] == pytest.approx(-0.15) and against_lora["standard_error"] == pytest.approx(0.35)
     assert "Items per language: MKQA 2, XNLI 2 (cc-paper (off): MKQA 3, XNLI 3)." in text
+    assert "| train cc-paper-seed0 |" in text and "cc-gated" not in text  # the trainings of the evaluated adapters
     per_seed = {(r["system"], r["baseline"], r["seed"], r["benchmark"]): r for r in tables["differences_per_seed"]}
     # seed 0 against LoRA's seed 0: -0.3 and +0.5 per unit; seed 1 against LoRA's seed 1: -0.7 and -0.3
     assert per_seed["cc-paper", "lora", 0, "MKQA"]["difference"] == pytest.approx(0.1)
