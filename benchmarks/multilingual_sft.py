@@ -411,6 +411,7 @@ def run(args: argparse.Namespace, command: str, system: System, seed: int | None
                 f"{run_name(system.name, seed)} is not trained yet ({record} is missing): run "
                 f"`{command_line(args, 'train', system, seed, None)}` first."
             )
+        sft_train.check_weights(adapter)
         held_out = sft_train.trainable_from(json.loads(record.read_text()))
     sft_evaluate.evaluate(
         adapter,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from sft_mixture import EvaluationSizes, mixture_summary, token_budget_check, training_rows
 from sft_runs import System, read_finished, write_finished
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +89,7 @@ def train(
     }
     finished = read_finished(folder / RECORD, run_settings)
     if finished is not None:
+        check_weights(folder)
         print(f"{folder.name}: trained already ({folder / RECORD})", flush=True)
         return finished
     began, began_cpu = time.perf_counter(), time.process_time()
@@ -148,6 +150,16 @@ def _trainer(
             peft_config=LoraConfig(task_type="CAUSAL_LM", **lora),
         )
     raise ValueError(f"{system.name} is not trained (kind {system.kind!r}).")
+
+
+def check_weights(folder: Path) -> None:
+    """Raise `FileNotFoundError` unless the adapter folder `folder`, which holds a training record, holds the adapter's
+    weights too (a folder restored from the records alone, as docs/results/ keeps them, does not)."""
+    if not (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} holds the training record {RECORD} but not the adapter's weights ({SAFETENSORS_WEIGHTS_NAME}): "
+            f"move {folder / RECORD} away and train again, which writes both."
+        )
 
 
 def trainable_from(record: dict[str, Any]) -> dict[str, int]:

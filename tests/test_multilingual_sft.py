@@ -16,6 +16,7 @@ import sft_mixture
 import sft_report
 import sft_train
 from helpers import REPO_ROOT
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from sft_mixture import EvaluationSizes
 from sft_runs import SYSTEMS, read_finished, write_finished
 
@@ -170,6 +171,7 @@ def test_a_benchmark_trained_on_with_no_item_held_out_is_not_evaluated(tmp_path)
     )
     settings = {"benchmarks": ["MKQA", "XNLI", "XStoryCloze", "MMMLU"], "held_out": {"MKQA": 100, "XNLI": 80}}
     write_finished(experiment.adapter_dir(args, "lora", 0) / sft_train.RECORD, settings, {})
+    (experiment.adapter_dir(args, "lora", 0) / SAFETENSORS_WEIGHTS_NAME).touch()
     with pytest.raises(
         ValueError, match="MMMLU: 40 items to evaluate, but the adapter was trained on items from index 0"
     ):
@@ -223,10 +225,23 @@ def test_a_finished_training_is_skipped(tmp_path, monkeypatch):
         raise AssertionError("a finished run must not load a model")
 
     monkeypatch.setattr(sft_train.AutoTokenizer, "from_pretrained", no_loading)
+    # the record without the adapter's weights (as docs/results/ keeps it): not finished, and not retrained over it
+    with pytest.raises(FileNotFoundError, match="not the adapter's weights .adapter_model.safetensors.: move"):
+        sft_train.train(SYSTEMS["lora"], 0, settings, sizes, folder)
+    (folder / SAFETENSORS_WEIGHTS_NAME).touch()
     record = sft_train.train(SYSTEMS["lora"], 0, settings, sizes, folder)
     assert record["settings"]["seed"] == 0
     with pytest.raises(ValueError, match="seed differ"):
         sft_train.train(SYSTEMS["lora"], 1, settings, sizes, folder)
+
+
+def test_an_adapter_kept_as_its_record_alone_is_not_evaluated(tmp_path):
+    args = experiment.parse_args(["evaluate", "--system", "lora", "--seed", "0", "--output-dir", str(tmp_path)])
+    folder = experiment.adapter_dir(args, "lora", 0)
+    write_finished(folder / sft_train.RECORD, {"benchmarks": ["MKQA"], "held_out": {"MKQA": 150}}, {})
+    message = f"{folder} holds the training record training.json but not the adapter's weights"
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        experiment.run(args, "evaluate", SYSTEMS["lora"], 0, None)
 
 
 # ------------------------------------------------------------------------------------------------- invocations
