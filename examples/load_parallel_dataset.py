@@ -28,15 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset
 
 from peft_cc.cli import load_any
-from peft_cc.parallel_data import load_parallel_items
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The reader of the benchmark layout is the repository's, beside its lm-eval tasks (not part of the package).
+sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "tasks"))
+from parallel_data import load_parallel_items  # noqa: E402
+
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "benchmarks"
 
 

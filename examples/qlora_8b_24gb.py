@@ -33,11 +33,11 @@ Expected GPU memory (estimated from the parameter counts, per device; check with
 | CUDA context, allocator and bitsandbytes workspaces | ~1.5 GB | ~1.5 GB |
 | **total (peak)** | **~12 GB** | **~12.5 GB** |
 
-Measured (`benchmarks/qlora_gpu.py`, random weights of the Llama-3.1-8B shape, one H200, these settings without the
-trainer): 5.3 GiB after loading, a peak of 9.4 GiB allocated by torch at 2 × 1024 tokens (13.1 GiB at 2 × 2048), and
-10.9 GiB (15.3 GiB) in use on the card with the CUDA context and the paged optimizer states; plain QLoRA peaks
-0.3-0.6 GiB lower. So a 24 GB card takes `--max-length 2048` at batch 2; the logits grow with batch × length ×
-vocabulary, so they are what to watch. Figures and reading: docs/benchmarks.md.
+Measured (`benchmarks/qlora_gpu/qlora_gpu.py`, random weights of the Llama-3.1-8B shape, one H200, these settings
+without the trainer): 5.3 GiB after loading, a peak of 9.4 GiB allocated by torch at 2 × 1024 tokens (13.1 GiB at 2 ×
+2048), and 10.9 GiB (15.3 GiB) in use on the card with the CUDA context and the paged optimizer states; plain QLoRA
+peaks 0.3-0.6 GiB lower. So a 24 GB card takes `--max-length 2048` at batch 2; the logits grow with batch × length ×
+vocabulary, so they are what to watch. Figures and reading: benchmarks/qlora_gpu/README.md.
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ def parse_args() -> argparse.Namespace:
         "--decision-maker",
         default="paper",
         choices=list(DECISION_MAKER_STRATEGIES),
-        help="Decision Maker strategy (docs/decision_maker.md): the paper's method, or variance_reinforce_gated",
+        help="Decision Maker strategy (benchmarks/connection_capacity/README.md): the paper's method, or "
+        "variance_reinforce_gated",
     )
     training.add_argument(
         "--transform-pairs", type=int, default=300, help="training pairs for the Transform Matrix (the paper: 1000)"

@@ -1,9 +1,9 @@
 """peft-cc: CC-Tuning (Cross-lingual Connection Tuning, ACL 2025) as a PEFT method.
 
 Importing this package registers the method with PEFT under ``PeftType.CC``, so that
-``peft.get_peft_model(model, peft_cc.CCConfig(...))`` and ``PeftModel.from_pretrained(...)`` work.
-``peft_cc.CCSFTTrainer`` (configured by ``peft_cc.CCSFTConfig``) trains such an adapter with TRL; the trainer is
-imported on first use, so that loading an adapter for inference does not import TRL.
+``peft.get_peft_model(model, peft_cc.CCConfig(...))`` and ``PeftModel.from_pretrained(...)`` work; it changes nothing
+else of PEFT, TRL or transformers. ``peft_cc.CCSFTTrainer`` (configured by ``peft_cc.CCSFTConfig``) trains such an
+adapter with TRL; the trainer is imported on first use, so that loading an adapter for inference does not import TRL.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import CCConfig, VarianceReinforceConfig
+from .config import CCConfig
+from .least_squares import NormalEquations
 from .model import CCCausalLMOutputWithPast, CCModel
-from .model_card import add_model_card_facts, install_model_card_hooks
+from .model_card import write_model_card
 from .registration import register
-from .transform_matrix import NormalEquations, fit_transform_matrix
+from .transform_matrix import fit_transform_matrix
 
 if TYPE_CHECKING:
     from .sft_config import CCSFTConfig
@@ -36,11 +37,10 @@ __all__ = [
     "CCSFTConfig",
     "CCSFTTrainer",
     "DataCollatorForCCLanguageModeling",
-    "add_model_card_facts",
     "NormalEquations",
     "fit_transform_matrix",
     "register",
-    "VarianceReinforceConfig",
+    "write_model_card",
 ]
 
 
@@ -53,4 +53,3 @@ def __getattr__(name: str) -> Any:
 
 
 register(CCConfig, CCModel)
-install_model_card_hooks()

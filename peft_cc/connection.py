@@ -8,7 +8,7 @@ manager arms them for one forward pass:
 - on the first decoder layer (pre-hook) and on the injection layer `k`,
   :meth:`~CrossLingualConnection.injecting` reads `h_in(x, a(x))`, asks the caller for the vector to inject (the
   Decision Maker's choice needs `h_in`), and adds it to the output of layer `k` at the anchor. No other position
-  changes. :meth:`~CrossLingualConnection.capturing` can record `h_in` at the anchors too.
+  changes.
 
 transformers checkpoints a decoder layer's `forward`, not its `__call__`, so the hooks on the layers themselves
 run exactly once per forward, also under gradient checkpointing: the injected vector and its autograd graph are
@@ -30,15 +30,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .architecture import DecoderMap
 
-FIRST_LAYER_INPUT = -1  # the key of `h_in` among the captured activations
-
 
 @dataclass
 class _Capture:
     positions: list[tuple[int, int]]  # (row, anchor) to record, as Python ints
     layers: frozenset[int]
     activations: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B', d]
-    first_layer_input: bool = False  # also record h_in, under the key FIRST_LAYER_INPUT
 
 
 @dataclass
@@ -90,7 +87,6 @@ class CrossLingualConnection:
         anchors: torch.Tensor,
         layers: Sequence[int],
         with_autograd: bool = False,
-        first_layer_input: bool = False,
     ) -> Iterator[dict[int, torch.Tensor]]:
         """Record the FFN contribution of `layers` at `(rows, anchors)` during the forward passes in this context.
 
@@ -101,8 +97,6 @@ class CrossLingualConnection:
             with_autograd: keep the recorded activations in the autograd graph. Gradient checkpointing of the
                 reentrant kind runs the first forward without autograd; in this context it is switched to the
                 non-reentrant kind, which records the graph.
-            first_layer_input: also record `h_in`, the hidden state entering the first decoder layer, under the key
-                `FIRST_LAYER_INPUT`.
 
         Yields:
             A dict filled during the forward pass: layer index -> `[B', d]` activation (model dtype).
@@ -110,7 +104,7 @@ class CrossLingualConnection:
         if self._capture is not None:
             raise RuntimeError("CrossLingualConnection.capturing() is already active.")
         positions = list(zip(rows.tolist(), anchors.tolist()))
-        self._capture = _Capture(positions=positions, layers=frozenset(layers), first_layer_input=first_layer_input)
+        self._capture = _Capture(positions=positions, layers=frozenset(layers))
         checkpointing = _non_reentrant_checkpointing(self.decoder.layers) if with_autograd else nullcontext()
         try:
             with checkpointing:
@@ -161,12 +155,6 @@ class CrossLingualConnection:
         injection = self._injection
         if injection is not None:
             injection.first_layer_input = _hidden_states(args, kwargs)[injection.rows, injection.anchors]
-        capture = self._capture
-        if capture is not None and capture.first_layer_input and capture.positions:
-            hidden = _hidden_states(args, kwargs)
-            capture.activations[FIRST_LAYER_INPUT] = torch.stack(
-                [hidden[row, anchor] for row, anchor in capture.positions]
-            )
 
     def _on_layer_output(self, index: int, module: nn.Module, args: tuple, output):
         injection = self._injection

@@ -1,9 +1,9 @@
 """The CC-Tuning tuner: LoRA plus the Decision Maker, the Transform Matrix and the cross-lingual connection.
 
 Where the connection is injected: :meth:`CCModel.forward` (training and scoring) and
-:func:`peft_cc.generation.generate_with_connection` (generation) arm the adapter's hooks,
-`CCModel.connection().injecting(...)` (:class:`peft_cc.connection.CrossLingualConnection`), which add the chosen
-English activation after decoder layer `injection_layer`, at the anchor.
+:class:`~peft_cc.generation.ConnectedDecodingMixin` (generation and continuation scoring) arm the adapter's hooks with
+`CCModel.connection().injecting(...)`; :class:`peft_cc.connection.CrossLingualConnection` adds the chosen English
+activation to the output of decoder layer `injection_layer`, at the anchor.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,21 +23,13 @@ from transformers.utils import ModelOutput
 
 from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_attention_mask, validate_anchors
 from .architecture import DecoderMap, map_decoder
+from .checkpoint import DECISION_MAKER_KEY, check_checkpoint_fits, is_weight_of
 from .config import CCConfig
-from .connection import FIRST_LAYER_INPUT, CrossLingualConnection
-from .decision_maker import ConnectionChoice, DecisionMaker, completion_alignment_prior, english_variance_prior
-from .generation import generate_with_connection
+from .connection import CrossLingualConnection
+from .decision_maker import ConnectionChoice, DecisionMaker
+from .generation import ConnectedDecodingMixin
 
-DECISION_MAKER_KEY = "cc_decision_maker"
-TRANSFORM_MATRIX_KEY = "cc_transform_matrix"
-
-
-@functools.cache
-def _with_connection_fields(output_type: type[ModelOutput]) -> type[ModelOutput]:
-    """`output_type` plus the fields of [`CCCausalLMOutputWithPast`] that say what the connection did."""
-    names = ("connected_rows", "layer_choice", "layer_logits", "decision_maker_loss")
-    fields = [(name, torch.Tensor | None, dataclasses.field(default=None)) for name in names]
-    return dataclasses.make_dataclass(f"CC{output_type.__name__}", fields, bases=(output_type,))
+CONNECTION_FIELDS = ("connected_rows", "layer_choice", "layer_logits")
 
 
 @dataclass
@@ -50,14 +41,11 @@ class CCCausalLMOutputWithPast(CausalLMOutputWithPast):
         layer_choice: `[B, S]` float, the one-hot source-layer choice of each connected row (zeros for unconnected
             rows), detached; columns follow the adapter's candidate source layers.
         layer_logits: `[B, S]` float, the Decision Maker's logits (zeros for unconnected rows), detached.
-        decision_maker_loss: the Decision Maker's auxiliary loss, a scalar to add to the training loss (see
-            :meth:`CCModel.forward`); `None` when no gradient is computed.
     """
 
     connected_rows: torch.BoolTensor | None = None
     layer_choice: torch.FloatTensor | None = None
     layer_logits: torch.FloatTensor | None = None
-    decision_maker_loss: torch.FloatTensor | None = None
 
     @property
     def num_unconnected_rows(self) -> int:
@@ -65,20 +53,26 @@ class CCCausalLMOutputWithPast(CausalLMOutputWithPast):
         return int((~self.connected_rows).sum()) if self.connected_rows is not None else 0
 
 
-class CCModel(LoraModel):
+@functools.cache
+def _with_connection_fields(output_type: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_type` plus the fields of [`CCCausalLMOutputWithPast`] that say what the connection did."""
+    fields = [(name, torch.Tensor | None, dataclasses.field(default=None)) for name in CONNECTION_FIELDS]
+    return dataclasses.make_dataclass(f"CC{output_type.__name__}", fields, bases=(output_type,))
+
+
+class CCModel(ConnectedDecodingMixin, LoraModel):
     """CC-Tuning (Cross-lingual Connection Tuning) on top of LoRA.
 
     Created by `peft.get_peft_model(model, CCConfig(...))` once `peft_cc` is imported. Next to LoRA it holds, per
-    adapter, the Decision Maker (`cc_decision_maker`, `S×d`, and for the gated strategy a gate `S`; trained) and the
-    Transform Matrix (`cc_transform_matrix`, `d×d`, fitted after training, never trained by gradient), and its own
-    hooks on the decoder (inert unless the adapter is active and a forward or `generate` arms them).
+    adapter, the Decision Maker (`cc_decision_maker`, `S×d`, trained) and the Transform Matrix (`cc_transform_matrix`,
+    `d×d`, fitted after training, never trained by gradient), and its own hooks on the decoder (inert unless the
+    adapter is active and a forward or `generate` arms them).
 
     A forward call given the English prompt does one whole CC-Tuning step::
 
-        outputs = model(
+        loss = model(
             input_ids=..., attention_mask=..., labels=..., english_input_ids=..., english_attention_mask=...
-        )
-        loss = outputs.loss + outputs.decision_maker_loss
+        ).loss
 
     It runs the English prompt through the decoder and records its FFN activations at the English anchor (the last
     token of `english_input_ids`), lets the Decision Maker pick one source layer per row, and runs the non-English
@@ -89,13 +83,6 @@ class CCModel(LoraModel):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._connections: dict[str, CrossLingualConnection] = {}
         self._connection_enabled = True
-        self.training_progress = 0.0
-        # Adapters whose Decision Maker waits for `initialize_decision_maker` (the gated strategy's start).
-        self._decision_makers_to_initialize: set[str] = set()
-        # Per adapter, a running mean of the connected rows' losses: the REINFORCE baseline of one-row batches.
-        self._running_row_loss: dict[str, float] = {}
-        # What the adapter's model card reports beyond its configuration (see `peft_cc.model_card`).
-        self.model_card_facts: dict[str, Any] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------------------------------------ adapters
@@ -115,19 +102,12 @@ class CCModel(LoraModel):
             self.cc_decision_maker = nn.ModuleDict()
             self.cc_transform_matrix = BufferDict(persistent=True)
         device = next(decoder.layers[0].parameters()).device
-        strategy = config.variance_reinforce_config
-        decision_maker = DecisionMaker(
-            num_sources,
-            decoder.hidden_size,
-            init_std=getattr(self.model.config.get_text_config(), "initializer_range", 0.02),
-            gate_init=strategy.gate_init if strategy is not None else None,
-        )
+        init_std = getattr(self.model.config.get_text_config(), "initializer_range", 0.02)
+        decision_maker = DecisionMaker(num_sources, decoder.hidden_size, init_std=init_std)
         # PEFT creates adapter weights on the meta device when it loads with low_cpu_mem_usage=True.
         decision_maker = (
             decision_maker.to_empty(device=device) if decision_maker.weight.is_meta else decision_maker.to(device)
         )
-        if config.decision_maker == "variance_reinforce_gated" and not config.inference_mode:
-            self._decision_makers_to_initialize.add(adapter_name)
         decision_maker.requires_grad_(not config.inference_mode)
         self.cc_decision_maker[adapter_name] = decision_maker
         self.cc_transform_matrix[adapter_name] = torch.zeros(
@@ -140,8 +120,6 @@ class CCModel(LoraModel):
         del self.cc_decision_maker[adapter_name]
         del self.cc_transform_matrix[adapter_name]
         self._connections.pop(adapter_name).remove()
-        self._decision_makers_to_initialize.discard(adapter_name)
-        self._running_row_loss.pop(adapter_name, None)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
@@ -157,6 +135,15 @@ class CCModel(LoraModel):
             connection.remove()
         self._connections.clear()
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {key: tensor.shape for key, tensor in model.state_dict().items() if is_weight_of(key, adapter_name)}
+        check_checkpoint_fits(adapter_name, expected, remapped)
+        return remapped
+
+    # ------------------------------------------------------------------------------------------------ accessors
 
     def connected_adapter(self) -> str | None:
         """The adapter whose connection applies: the one active adapter, or `None` when adapters are disabled.
@@ -212,11 +199,8 @@ class CCModel(LoraModel):
           activations simulated by the fitted Transform Matrix.
         - Otherwise, in eval mode (or with adapters disabled): the model with LoRA only.
 
-        When the connection runs, the output also holds `connected_rows`, `layer_choice`, `layer_logits` (see
-        [`CCCausalLMOutputWithPast`]) and, when gradients are computed, `decision_maker_loss`: the Decision Maker's
-        auxiliary loss, which the caller adds to the loss, as for PEFT's `LoraModel._get_kasa_loss`
-        (`CCSFTTrainer` does). Its value is 0; its gradient is the REINFORCE estimate of the gated strategy, and
-        zero (keeping the Decision Maker in the graph, as distributed data parallel needs) otherwise.
+        When the connection runs, the output also holds `connected_rows`, `layer_choice` and `layer_logits` (see
+        [`CCCausalLMOutputWithPast`]).
 
         Args:
             english_input_ids: `[B, T_en]` the English prompt of each row, templated like the non-English prompt and
@@ -242,40 +226,13 @@ class CCModel(LoraModel):
         )
         choice = self.connection_choice(activations, adapter_name)
         config: CCConfig = self.peft_config[adapter_name]
+        # Even without a connectable row, the (empty) injection runs the Decision Maker, which keeps it in the
+        # autograd graph with a zero gradient, as distributed data parallel expects of every trainable parameter.
         with self.connection(adapter_name).injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for):
             outputs = self.model(**kwargs)
         if not isinstance(outputs, ModelOutput):
             return outputs
-        return self._with_connection_facts(
-            outputs, choice, rows, input_ids.shape[0], kwargs.get("labels"), adapter_name
-        )
-
-    def _with_connection_facts(
-        self,
-        outputs: ModelOutput,
-        choice: ConnectionChoice,
-        rows: torch.Tensor,
-        batch_size: int,
-        labels: torch.Tensor | None,
-        adapter_name: str,
-    ) -> ModelOutput:
-        """`outputs` with what the connection did: `connected_rows`, `layer_choice`, `layer_logits` and
-        `decision_maker_loss` (a [`CCCausalLMOutputWithPast`] for a plain causal-LM output; the same keys added to
-        another output type, e.g. TRL's fused LM head's)."""
-        layer_choice, layer_logits = choice.per_row(rows, batch_size)
-        connected = torch.zeros(batch_size, dtype=torch.bool, device=rows.device)
-        connected[rows] = True
-        facts = {
-            "connected_rows": connected,
-            "layer_choice": layer_choice,
-            "layer_logits": layer_logits,
-            "decision_maker_loss": self._decision_maker_loss(choice, outputs, labels, rows, adapter_name),
-        }
-        if type(outputs) is CausalLMOutputWithPast:
-            return CCCausalLMOutputWithPast(**outputs, **facts)
-        # Another output type (e.g. TRL's fused LM head's): a subclass with these fields, since torch's pytree, through
-        # which DDP passes the output, rebuilds an output from the fields of its type.
-        return _with_connection_fields(type(outputs))(**outputs, **facts)
+        return _with_connection_facts(outputs, choice, rows, input_ids.shape[0])
 
     def _adapter_to_connect(
         self, english_input_ids: torch.Tensor | None, anchor_positions: torch.Tensor | None
@@ -284,14 +241,7 @@ class CCModel(LoraModel):
         adapter_name = self.connected_adapter()
         if adapter_name is None:
             return None
-        training = self.training and torch.is_grad_enabled()
-        if training and adapter_name in self._decision_makers_to_initialize:
-            raise ValueError(
-                f"The Decision Maker of adapter '{adapter_name}' (decision_maker='variance_reinforce_gated') starts "
-                "from the variance of the English activations of training examples: call "
-                "`model.base_model.initialize_decision_maker(batches)` before training (CCSFTTrainer does it)."
-            )
-        if english_input_ids is None and training:
+        if english_input_ids is None and self.training and torch.is_grad_enabled():
             raise ValueError(
                 "CC-Tuning trains with the English version of each prompt: pass `english_input_ids` (and "
                 "`english_attention_mask`) to the forward call. To run without the connection, use "
@@ -352,47 +302,15 @@ class CCModel(LoraModel):
         return rows, activations
 
     def connection_choice(self, source_activations: torch.Tensor, adapter_name: str | None = None) -> ConnectionChoice:
-        """The Decision Maker's choice over `[B', S, d]` source activations, as configured for the current mode.
-
-        In training mode it samples a hard Gumbel-Softmax choice; with the gated strategy the Decision Maker learns
-        by REINFORCE from `start_fraction` of training on (:meth:`set_training_progress`). In eval mode it takes
-        the arg-max.
-        """
+        """The Decision Maker's choice over `[B', S, d]` source activations: a hard Gumbel-Softmax sample in training
+        mode, the arg-max in eval mode."""
         adapter_name = adapter_name or self.active_adapters[0]
-        config: CCConfig = self.peft_config[adapter_name]
-        strategy = config.variance_reinforce_config
         return ConnectionChoice(
             self.cc_decision_maker[adapter_name],
             source_activations,
-            temperature=config.gumbel_temperature,
+            temperature=self.peft_config[adapter_name].gumbel_temperature,
             sample=self.training,
-            learn=strategy is None or self.training_progress >= strategy.start_fraction,
-            reinforce=self.training and config.learns_by_reinforce,
         )
-
-    def _decision_maker_loss(
-        self,
-        choice: ConnectionChoice,
-        outputs: ModelOutput,
-        labels: torch.Tensor | None,
-        rows: torch.Tensor,
-        adapter_name: str,
-    ) -> torch.Tensor | None:
-        """The Decision Maker's auxiliary loss of this forward call (see :meth:`forward`), `None` without gradients."""
-        if not torch.is_grad_enabled():
-            return None
-        # A zero gradient for every Decision Maker parameter, whatever else happens: DDP expects one for each.
-        loss = sum(0.0 * parameter.sum() for parameter in self.cc_decision_maker[adapter_name].parameters())
-        if not choice.reinforce or labels is None or not len(rows):
-            return loss
-        row_losses = _row_losses(outputs, labels)[rows]
-        running = self._running_row_loss.get(adapter_name)
-        reinforce = choice.reinforce_loss(row_losses, single_row_baseline=running)
-        mean = float(row_losses.mean())
-        self._running_row_loss[adapter_name] = mean if running is None else 0.9 * running + 0.1 * mean
-        return loss if reinforce is None else loss + reinforce
-
-    # ------------------------------------------------------------------------------------------------ the passes
 
     def anchor_activations(
         self,
@@ -418,173 +336,22 @@ class CCModel(LoraModel):
         Returns:
             `[B', len(layers), d]` activations in the model's dtype.
         """
-        captured = self._run_decoder(input_ids, attention_mask, rows, anchors, layers, with_autograd)
-        if len(rows) and layers:
-            return torch.stack([captured[layer] for layer in layers], dim=1)
-        embedding = self.model.get_input_embeddings().weight
-        return embedding.new_zeros(len(rows), len(layers), embedding.shape[1])
-
-    def _run_decoder(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        rows: torch.Tensor,
-        anchors: torch.Tensor,
-        layers: list[int],
-        with_autograd: bool = False,
-        first_layer_input: bool = False,
-    ) -> dict[int, torch.Tensor]:
-        """The activations :meth:`capturing` records while `rows` of the prompts run through the decoder alone."""
-        decoder = self.model.get_decoder()
+        if not len(rows) or not layers:
+            embedding = self.model.get_input_embeddings().weight
+            return embedding.new_zeros(len(rows), len(layers), embedding.shape[1])
         batch_rows = torch.arange(len(rows), device=rows.device)
+        mask = attention_mask[rows]
         with torch.set_grad_enabled(with_autograd and torch.is_grad_enabled()):
-            connection = self.connection()
-            with connection.capturing(batch_rows, anchors, layers, with_autograd, first_layer_input) as captured:
-                if len(rows):
-                    mask = attention_mask[rows]
-                    decoder(
-                        input_ids=input_ids[rows],
-                        attention_mask=mask,
-                        position_ids=position_ids_from_attention_mask(mask),
-                        use_cache=False,
-                    )
-        return captured
+            with self.connection().capturing(batch_rows, anchors, layers, with_autograd) as captured:
+                self.model.get_decoder()(
+                    input_ids=input_ids[rows],
+                    attention_mask=mask,
+                    position_ids=position_ids_from_attention_mask(mask),
+                    use_cache=False,
+                )
+        return torch.stack([captured[layer] for layer in layers], dim=1)
 
-    # ------------------------------------------------------------------------------------------------ training
-
-    def set_training_progress(self, progress: float) -> None:
-        """Tell the connection how far training is (0..1): the gated strategy's Decision Maker learns from its
-        `start_fraction` on."""
-        self.training_progress = min(max(float(progress), 0.0), 1.0)
-
-    def needs_decision_maker_initialization(self, adapter_name: str | None = None) -> bool:
-        """Whether the Decision Maker of `adapter_name` (default: the active adapter) waits for
-        :meth:`initialize_decision_maker` before it can train (`decision_maker="variance_reinforce_gated"`)."""
-        return (adapter_name or self.active_adapters[0]) in self._decision_makers_to_initialize
-
-    @torch.no_grad()
-    def initialize_decision_maker(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Favour, in the active adapter's Decision Maker, the layers that its strategy's `prior` picks.
-
-        The data-dependent start of `decision_maker="variance_reinforce_gated"`, done once before training
-        (CCSFTTrainer does it): from each batch, the English activations of the candidate layers and the Decision
-        Maker's input `z` at the anchors are computed without gradients (in eval mode, LoRA as it is); the Decision
-        Maker's logits are then shifted by the log of a prior over the layers
-        (:meth:`~peft_cc.decision_maker.DecisionMaker.favour`). With `VarianceReinforceConfig.prior` at
-        `"english_variance"` (the default) it is each layer's share of the variance of the English activations across
-        the rows (:func:`~peft_cc.decision_maker.english_variance_prior`); with `"completion_alignment"`, each layer's
-        share of the alignment between its English activations and the rows' completions, each the mean output
-        embedding of its label tokens (:func:`~peft_cc.decision_maker.completion_alignment_prior`). Other adapters'
-        Decision Makers are untouched.
-
-        Args:
-            batches: keyword arguments of training forward calls (`input_ids`, `attention_mask`, `labels`,
-                `english_input_ids`, `english_attention_mask`); at least 2 connected rows in all.
-
-        Returns:
-            `[S]` float32, the prior: each candidate layer's share.
-        """
-        adapter_name = self.connected_adapter()
-        if adapter_name is None:
-            raise ValueError("initialize_decision_maker needs the CC-Tuning adapter enabled and active.")
-        strategy = self.peft_config[adapter_name].variance_reinforce_config
-        by_completion = strategy is not None and strategy.prior == "completion_alignment"
-        statistics = []
-        was_training = self.training
-        self.eval()  # no dropout: the activations training starts from
-        try:
-            for batch in batches:
-                if batch.get("english_input_ids") is None:
-                    raise ValueError("initialize_decision_maker needs batches with `english_input_ids`.")
-                statistics.append(self._initialization_statistics(batch, adapter_name, by_completion))
-        finally:
-            self.train(was_training)
-        activations, summaries, completions, residual_norms = (torch.cat(parts) for parts in zip(*statistics))
-        if len(activations) == 0:
-            raise ValueError("initialize_decision_maker got no connected row (no English prompt or anchor).")
-        if by_completion:
-            log_prior = completion_alignment_prior(activations.float(), completions)
-        else:
-            log_prior = english_variance_prior(activations.float())
-        decision_maker = self.cc_decision_maker[adapter_name]
-        decision_maker.favour(log_prior, summaries)
-        if strategy is not None and strategy.gate_init_ratio is not None:
-            # Each layer's injection at `gate_init_ratio` times the residual stream's norm (mean norms at the anchors).
-            activation_norms = activations.float().norm(dim=-1).mean(dim=0).clamp_min(1e-12)
-            decision_maker.gate.copy_(strategy.gate_init_ratio * residual_norms.mean() / activation_norms)
-        self._decision_makers_to_initialize.discard(adapter_name)
-        return log_prior.exp()
-
-    def _initialization_statistics(
-        self, batch: dict[str, torch.Tensor], adapter_name: str, with_completions: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`([B', S, d] English activations, [B', d] Decision Maker inputs z, [B', d] or [0, d] completions, [B']
-        residual norms)` of a batch's connected rows (:meth:`initialize_decision_maker`).
-
-        A completion is the mean output embedding of the row's label tokens (only `with_completions`); a residual norm
-        is that of the output of the injection layer at the row's anchor, where the connection adds its vector.
-        """
-        input_ids = batch["input_ids"]
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        anchors = _anchors(input_ids, attention_mask, batch.get("labels"), batch.get("anchor_positions"))
-        rows, english = self.english_activations(
-            input_ids,
-            attention_mask,
-            anchors,
-            batch["english_input_ids"],
-            batch.get("english_attention_mask"),
-            adapter_name,
-        )
-        if not len(rows):
-            empty = english.new_zeros(0, english.shape[-1])
-            return english, empty, empty, english.new_zeros(0)
-        residual_norms = []
-        injection_layer = self.decoder(adapter_name).layers[self.peft_config[adapter_name].injection_layer]
-        positions = (torch.arange(len(rows), device=rows.device), anchors[rows])
-        handle = injection_layer.register_forward_hook(
-            lambda module, args, output: residual_norms.append(
-                (output[0] if isinstance(output, tuple) else output)[positions].float().norm(dim=-1)
-            )
-        )
-        try:
-            captured = self._run_decoder(input_ids, attention_mask, rows, anchors[rows], [], first_layer_input=True)
-        finally:
-            handle.remove()
-        z = DecisionMaker.summarize(captured[FIRST_LAYER_INPUT], english)
-        completions = english.new_zeros(0, english.shape[-1])
-        if with_completions:
-            completions = self._completion_embeddings(batch.get("labels"), rows)
-        return english, z, completions, residual_norms[0]
-
-    def _completion_embeddings(self, labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        """`[B', d]` float32: the mean output embedding (the LM head's row) of the label tokens of each of `rows`."""
-        if labels is None:
-            raise ValueError(
-                "The 'completion_alignment' prior needs `labels` in the batches of initialize_decision_maker."
-            )
-        weight = (self.model.get_output_embeddings() or self.model.get_input_embeddings()).weight
-        labels = labels[rows].to(weight.device)
-        supervised = labels != -100
-        row, position = supervised.nonzero(as_tuple=True)
-        sums = weight.new_zeros(len(rows), weight.shape[1], dtype=torch.float32)
-        sums.index_add_(0, row, weight[labels[row, position]].float())
-        return sums / supervised.sum(dim=1, keepdim=True).clamp_min(1)
-
-    # ------------------------------------------------------------------------------------------------ inference
-
-    def generate(self, *args, **kwargs):
-        """`generate` with the connection at the last prompt token of every (left-padded) row.
-
-        Takes the arguments of `transformers.GenerationMixin.generate`, plus `english_input_ids`,
-        `english_attention_mask` and `connection` (`"monolingual"`, `"bilingual"` or `"off"`); see
-        :func:`peft_cc.generation.generate_with_connection`.
-        """
-        kwargs = _as_keywords(args, kwargs)
-        if kwargs.get("input_ids") is None:
-            raise ValueError("Generation with the CC-Tuning connection needs `input_ids`.")
-        return generate_with_connection(self, **kwargs)
+    # ------------------------------------------------------------------------------------------------ Transform Matrix
 
     def transform_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
         """The `[d, d]` float32 Transform Matrix of `adapter_name` (default: the active adapter)."""
@@ -639,63 +406,22 @@ class CCModel(LoraModel):
             )
         return self.transform_matrix(adapter_name)
 
-    # ------------------------------------------------------------------------------------------------ loading
 
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        tuner = getattr(model, "base_model", None)
-        if isinstance(tuner, CCModel):  # a loaded Decision Maker has its trained weights: nothing to initialise
-            tuner._decision_makers_to_initialize.discard(adapter_name)
-        expected = {key: tensor.shape for key, tensor in model.state_dict().items() if _belongs_to(key, adapter_name)}
-        _check_checkpoint_fits(adapter_name, expected, remapped)
-        return remapped
-
-
-def _belongs_to(key: str, adapter_name: str) -> bool:
-    """Whether a model state-dict key is a parameter of CC-Tuning adapter `adapter_name` (LoRA or connection)."""
-    return _is_adapter_weight(key) and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))
-
-
-def _is_adapter_weight(key: str) -> bool:
-    """Whether a state-dict key names a LoRA or connection weight (of any adapter, or of a module a model lacks)."""
-    return "lora_" in key or DECISION_MAKER_KEY in key or TRANSFORM_MATRIX_KEY in key
-
-
-def _check_checkpoint_fits(
-    adapter_name: str, expected: dict[str, torch.Size], checkpoint: dict[str, torch.Tensor]
-) -> None:
-    """Refuse a checkpoint made for another base model: missing or extra adapter weights, or other shapes.
-
-    Args:
-        expected: this model's adapter keys and shapes.
-        checkpoint: the checkpoint's tensors, under this model's keys.
-    """
-    connection = [key for key in expected if DECISION_MAKER_KEY in key or TRANSFORM_MATRIX_KEY in key]
-    missing = [key for key in connection if key not in checkpoint]
-    if missing:
-        raise ValueError(
-            f"The checkpoint of adapter '{adapter_name}' has no `{missing[0]}`: it is not a complete CC-Tuning "
-            "adapter (Decision Maker and Transform Matrix are missing)."
-        )
-    # Weights of modules this model lacks keep their checkpoint key (without the adapter name).
-    unexpected = [key for key in checkpoint if _is_adapter_weight(key) and key not in expected]
-    missing = [key for key in expected if key not in checkpoint]
-    if unexpected or missing:
-        example = (unexpected or missing)[0]
-        raise ValueError(
-            f"The CC-Tuning adapter '{adapter_name}' was trained for another base model: its checkpoint has "
-            f"{len(unexpected)} adapter weights this model has no module for and lacks {len(missing)} this model "
-            f"has (e.g. `{example}`). Load it onto the base model it was trained on (same depth and modules)."
-        )
-    shapes = {DECISION_MAKER_KEY: "[source layers, hidden size]", TRANSFORM_MATRIX_KEY: "[hidden size, hidden size]"}
-    for key, shape in expected.items():
-        if checkpoint[key].shape != shape:
-            meaning = next((f" ({text})" for name, text in shapes.items() if name in key), "")
-            raise ValueError(
-                f"The CC-Tuning adapter '{adapter_name}' was trained for another base model: its `{key}` has "
-                f"shape {tuple(checkpoint[key].shape)}, this model needs {tuple(shape)}{meaning}."
-            )
+def _with_connection_facts(
+    outputs: ModelOutput, choice: ConnectionChoice, rows: torch.Tensor, batch_size: int
+) -> ModelOutput:
+    """`outputs` with what the connection did: `connected_rows`, `layer_choice` and `layer_logits` (a
+    [`CCCausalLMOutputWithPast`] for a plain causal-LM output; the same keys added to another output type, e.g. TRL's
+    fused LM head's)."""
+    layer_choice, layer_logits = choice.per_row(rows, batch_size)
+    connected = torch.zeros(batch_size, dtype=torch.bool, device=rows.device)
+    connected[rows] = True
+    facts = {"connected_rows": connected, "layer_choice": layer_choice, "layer_logits": layer_logits}
+    if type(outputs) is CausalLMOutputWithPast:
+        return CCCausalLMOutputWithPast(**outputs, **facts)
+    # Another output type (e.g. TRL's fused LM head's): a subclass with these fields, since torch's pytree, through
+    # which DDP passes the output, rebuilds an output from the fields of its type.
+    return _with_connection_fields(type(outputs))(**outputs, **facts)
 
 
 def _as_keywords(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -725,25 +451,3 @@ def _anchors(
             "before the first label that is not -100) or `anchor_positions`."
         )
     return validate_anchors(anchors_from_labels(labels.to(input_ids.device)), attention_mask, seq_len)
-
-
-@torch.no_grad()
-def _row_losses(outputs: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
-    """`[B]` float32 mean next-token cross-entropy of each row over its labels (0 for a row without any).
-
-    Read from the per-token log-probabilities of TRL's fused LM head (`log_probs`, `label_mask`, `[B, T-1]`) when the
-    output has them, otherwise from the `[B, T, V]` logits and the `[B, T]` labels (shifted here, -100 ignored).
-    """
-    log_probs = outputs.get("log_probs")
-    if log_probs is not None:
-        mask = outputs["label_mask"]
-        return -log_probs.float().sum(dim=1) / mask.sum(dim=1).clamp_min(1)
-    logits = outputs.logits
-    targets = labels[:, 1:].to(logits.device)
-    supervised = targets != -100
-    token_losses = nn.functional.cross_entropy(
-        logits[:, :-1][supervised].float(), targets[supervised], reduction="none"
-    )
-    rows = supervised.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, token_losses)
-    return sums / supervised.sum(dim=1).clamp_min(1)

@@ -1,84 +1,238 @@
-"""The model card (`README.md`) of a CC-Tuning adapter: one writer for every place a card is written.
+"""The model card (`README.md`) of an adapter trained with peft-cc: a CC-Tuning adapter, or the LoRA baseline of one.
 
-`PeftModel.save_pretrained` (hence `CCSFTTrainer.save_model`), `PeftModel.push_to_hub` and
-`CCSFTTrainer.create_model_card` (hence `CCSFTTrainer.push_to_hub`) all write the card of :func:`model_card`
-(:func:`install_model_card_hooks` and the trainer call :func:`write_model_card`). It holds the Hub metadata (base
-model as a Hub id where there is one, languages, datasets, tags), the method with a link, the adapter's settings, and
-what is known of its training: :class:`peft_cc.CCModel` keeps these facts in its `model_card_facts` dictionary,
-filled by `CCSFTTrainer` (training settings, languages, the Decision Maker's layer choice), by
-:func:`peft_cc.fit_transform_matrix` (pairs, R²) and by the user (:func:`add_model_card_facts`, e.g. evaluation
-figures). The card carries the facts in an HTML comment as well, so that an adapter loaded from a local folder
-(`PeftModel.from_pretrained`, `load_adapter`) gets them back (:func:`read_model_card_facts`) and keeps them in the
-card of its next save or push.
+:class:`~peft_cc.CCSFTTrainer` writes it through TRL's card path (`create_model_card`, called when it saves the model,
+at checkpoints and by `push_to_hub`). :func:`write_model_card` writes or updates the card of an adapter folder made
+any other way. PEFT's own `save_pretrained` and `push_to_hub` are left as they are: they write PEFT's card.
+
+The card holds Hub metadata a user can filter on (base model, licence, languages, datasets, tags), what the adapter is,
+how to load it (first: the package CC-Tuning adapters need), what it was trained on and how the run went (settings,
+losses, the Decision Maker's layer choice, the Transform Matrix fit), its evaluation where given, and its limits.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
-import json
 import os
-import re
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+from peft import LoraConfig, PeftConfig
 
 from .config import CCConfig
 
-MODEL_CARD_MARKER = "<!-- peft-cc model card -->"
-FACTS_COMMENT = re.compile(r"^<!-- peft-cc model card facts: (?P<facts>.*) -->$", re.MULTILINE)
 PAPER_URL = "https://arxiv.org/abs/2506.00875"
-FACT_KEYS = ("base_model", "languages", "datasets", "training", "layer_choice", "transform_matrix", "evaluation")
+CITATION = """@inproceedings{ye2025cctuning,
+    title     = {{CC-Tuning: A Cross-Lingual Connection Mechanism for Improving Joint Multilingual Supervised
+                 Fine-Tuning}},
+    author    = {Yangfan Ye and Xiaocheng Feng and Zekun Yuan and Xiachong Feng and Libo Qin and Lei Huang and
+                 Weitao Ma and Yichong Huang and Zhirui Zhang and Yunfei Lu and Xiaohui Yan and Duyu Tang and
+                 Dandan Tu and Bing Qin},
+    year      = 2025,
+    booktitle = {Proceedings of the 63rd Annual Meeting of the Association for Computational Linguistics},
+    url       = {https://aclanthology.org/2025.acl-long.933/},
+}"""
+# Fewer training examples than this (optimizer steps × examples per step) make a card say the run is a demonstration.
+DEMONSTRATION_EXAMPLES = 1000
 
 
-def _hub_id(name_or_path: str | None) -> str | None:
-    """`name_or_path` if it is a Hub id (`org/name`, not a local folder), else `None`."""
-    if not name_or_path or name_or_path.startswith(".") or name_or_path.count("/") != 1:
-        return None
-    path = Path(name_or_path)
-    return None if path.is_absolute() or path.exists() else name_or_path
-
-
-def add_model_card_facts(model: Any, **facts: Any) -> None:
-    """Record facts for the adapter's model card, written on the next `save_pretrained` / `push_to_hub`.
+def model_card(
+    config: PeftConfig,
+    *,
+    base_model: str | None = None,
+    license: str | None = None,
+    languages: Sequence[str] = (),
+    datasets: Sequence[str] = (),
+    training: Mapping[str, Any] | None = None,
+    losses: Mapping[str, float] | None = None,
+    layer_choice: Mapping[str, Any] | None = None,
+    transform_matrix: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | str | None = None,
+    baseline_of: str | None = None,
+    location: str | None = None,
+) -> str:
+    """The Markdown card of an adapter with configuration `config` (a :class:`~peft_cc.CCConfig`, or the `LoraConfig`
+    of a baseline).
 
     Args:
-        model: a CC-Tuning `PeftModel` (or its `CCModel`).
-        facts: any of `languages` (list of language codes), `datasets` (list of dataset names or Hub ids),
-            `base_model` (the Hub id, if the base was loaded from a local copy of a Hub model), `evaluation` (a
-            mapping `{metric or benchmark: value}`, or Markdown text), `training`, `layer_choice`, `transform_matrix`
-            (normally recorded by `CCSFTTrainer` and `fit_transform_matrix`).
+        config: the adapter's configuration; `config.base_model_name_or_path` names the base model.
+        base_model: the base model's Hub id, where `config` names a local folder (default: the Hub id in `config`).
+        license: the licence's Hub id (default: the base model's, read from its card where one is on this machine).
+        languages: language codes of the training data (non-English prompts, each paired with its English prompt).
+        datasets: what it was trained on: Hub dataset ids (in the metadata) or local file names (in the text).
+        training: the run's settings, `{name: value}`; `optimizer steps` and `examples per step` decide whether the
+            card calls the run a demonstration (fewer than `DEMONSTRATION_EXAMPLES` examples).
+        losses: `{name: nats per token}`, e.g. the training loss of the last logging window.
+        layer_choice: the Decision Maker's choices over the run (see
+            :meth:`~peft_cc.layer_choice.LayerChoiceStatistics.run_summary`).
+        transform_matrix: the statistics :func:`~peft_cc.fit_transform_matrix` returned.
+        evaluation: `{benchmark or metric: value}`, or Markdown text.
+        baseline_of: for a LoRA adapter, what it is the baseline of (e.g. the config file of the CC-Tuning run).
+        location: where the adapter is (a Hub repository id or a local folder), for the loading snippet.
     """
-    unknown = sorted(set(facts) - set(FACT_KEYS))
-    if unknown:
-        raise ValueError(f"Unknown model card facts {unknown}; known: {', '.join(FACT_KEYS)}.")
-    tuner = model if hasattr(model, "model_card_facts") else getattr(model, "base_model", None)
-    if not hasattr(tuner, "model_card_facts"):
-        raise ValueError(f"add_model_card_facts needs a CC-Tuning model, got {type(model).__name__}.")
-    tuner.model_card_facts.update(facts)
-
-
-def _table(rows: Mapping[str, Any]) -> str:
-    def shown(value: Any) -> str:
-        return (
-            f"{value:.4g}"
-            if isinstance(value, float)
-            else f"`{value}`"
-            if isinstance(value, (list, str))
-            else str(value)
-        )
-
-    return "| setting | value |\n| --- | --- |\n" + "\n".join(
-        f"| {name} | {shown(value)} |" for name, value in rows.items()
+    cc = isinstance(config, CCConfig)
+    local_base = config.base_model_name_or_path
+    base_model = base_model or _hub_id(local_base)
+    base_card = base_model_card_data(local_base or base_model)
+    license = license or base_card.get("license")
+    hub_datasets = [name for name in datasets if _hub_id(name)]
+    tags = ["peft", "peft-cc", "lora", "trl", "sft", "multilingual"] + (
+        ["cc-tuning"] if cc else ["cc-tuning-baseline"]
     )
+    metadata = ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        license=license or "other",
+        language=list(languages) or None,
+        datasets=hub_datasets or None,
+        tags=tags + ([f"base_model:adapter:{base_model}"] if base_model else []),
+    )
+    base_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{local_base}`"
+    sections = [f"---\n{metadata.to_yaml()}\n---", f"# {_title(location, cc)}"]
+    if cc:
+        sections += [
+            f"A [CC-Tuning]({PAPER_URL}) adapter (Cross-lingual Connection Tuning, ACL 2025) for {base_text}: LoRA "
+            "plus a Decision Maker and a Transform Matrix that connect the model's processing of a non-English prompt "
+            "with its processing of the same prompt in English, made with peft-cc.",
+            "> **Loading it needs the `peft-cc` package, imported before PEFT reads the adapter** (`import peft_cc`): "
+            "without it PEFT does not know the adapter type `CC` and stops with `KeyError: 'CC'`.",
+        ]
+    else:
+        sections.append(
+            f"A plain LoRA adapter for {base_text}, trained with peft-cc as the baseline of a CC-Tuning run"
+            + (f" ({baseline_of})" if baseline_of else "")
+            + ": the same LoRA options, data, data order, seed, schedule and length limits, without the English "
+            "pass. Evaluate both on the same items and compare them with `peft-cc compare`. It loads with PEFT "
+            "alone."
+        )
+    relation = base_card.get("base_model_relation")
+    if relation and base_card.get("base_model"):
+        sections.append(
+            f"The base weights were a {relation} conversion of {base_card['base_model']} (as its card says), not "
+            "that model's original weights: outputs differ a little from the original's."
+        )
+    sections += _demonstration_warning(training, transform_matrix)
+    sections += _loading_section(config, location, base_model or local_base)
+    sections += _training_sections(config, languages, datasets, training, losses)
+    if cc:
+        sections += _connection_sections(layer_choice, transform_matrix)
+    if evaluation:
+        sections += ["## Evaluation", _table(evaluation) if isinstance(evaluation, Mapping) else str(evaluation)]
+    sections += _limitations(cc)
+    sections += ["## Citation", f"```bibtex\n{CITATION}\n```", f"Versions: {_versions()}."]
+    return "\n\n".join(sections) + "\n"
+
+
+def write_model_card(directory: str | os.PathLike, config: PeftConfig | None = None, **facts: Any) -> Path:
+    """Write the card of the adapter in `directory` to `directory/README.md`, or update the one there.
+
+    For an adapter made without :class:`~peft_cc.CCSFTTrainer` (which writes its card itself): after
+    `save_pretrained(directory)`, call it with what is known, e.g.
+    `write_model_card(directory, languages=["de", "ja"], datasets=["my-org/pairs"], transform_matrix=stats)`.
+    The licence, languages and datasets of a card already there are kept unless given again.
+
+    Args:
+        directory: the adapter folder.
+        config: the adapter's configuration (default: `directory/adapter_config.json`).
+        **facts: the keyword arguments of :func:`model_card`.
+
+    Returns:
+        The card's path.
+    """
+    path = Path(directory) / "README.md"
+    config = config or PeftConfig.from_pretrained(str(directory))
+    if not isinstance(config, (CCConfig, LoraConfig)):
+        raise ValueError(
+            f"{directory} holds a {type(config).__name__} adapter: peft-cc writes cards of CC-Tuning and LoRA."
+        )
+    if path.is_file():
+        previous = ModelCard.load(path).data
+        facts.setdefault("license", previous.get("license"))
+        facts.setdefault("languages", previous.get("language") or ())
+        facts.setdefault("datasets", previous.get("datasets") or ())
+    facts.setdefault("location", str(directory))
+    path.write_text(model_card(config, **facts), encoding="utf-8")
+    return path
+
+
+def training_run_facts(args: Any, state: Any, dataset: Any, trainer: str) -> dict[str, Any]:
+    """The run's settings, losses and languages, as :func:`model_card` takes them (`training`, `losses`,
+    `languages`), from a `transformers.Trainer`'s `args` (`TrainingArguments`), `state` (`TrainerState`) and training
+    dataset (the languages of its `language` column, where it has one)."""
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum, or its value
+    training = {
+        "trainer": trainer,
+        "training examples": len(dataset) if hasattr(dataset, "__len__") else "(an iterable dataset)",
+        "optimizer steps": state.global_step,
+        "examples per step": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "epochs": round(state.epoch or 0.0, 2),
+        "learning rate / schedule": f"{args.learning_rate:g} / {schedule}",
+        "max length (tokens)": getattr(args, "max_length", None),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": args.seed,
+    }
+    losses = {}
+    logged = [entry for entry in state.log_history if "loss" in entry]
+    if logged:
+        losses[f"training, last logged window (step {logged[-1]['step']})"] = logged[-1]["loss"]
+    summary = next((entry for entry in reversed(state.log_history) if "train_loss" in entry), None)
+    if summary:
+        losses["training, mean over the run"] = summary["train_loss"]
+    evaluated = [entry for entry in state.log_history if "eval_loss" in entry]
+    if evaluated:
+        losses[f"evaluation (step {evaluated[-1]['step']})"] = evaluated[-1]["eval_loss"]
+    columns = getattr(dataset, "column_names", None) or []
+    languages = sorted({str(language) for language in dataset["language"]}) if "language" in columns else []
+    return {"training": training, "losses": losses, "languages": languages}
+
+
+def base_model_card_data(name_or_path: str | None) -> dict[str, Any]:
+    """The metadata of the base model's card where it is on this machine (a local folder's `README.md`, or the Hub
+    cache's copy), without asking the Hub; `{}` where there is none."""
+    if not name_or_path:
+        return {}
+    card = Path(name_or_path) / "README.md"
+    if not card.is_file():
+        cached = try_to_load_from_cache(name_or_path, "README.md") if _hub_id(name_or_path) else None
+        if not isinstance(cached, str):
+            return {}
+        card = Path(cached)
+    return ModelCard.load(card).data.to_dict()
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` if it reads as a Hub id (`org/name`, not an existing local path), else `None`."""
+    if not name or name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists():
+        return None
+    return name
+
+
+def _title(location: str | None, cc: bool) -> str:
+    name = Path(location).name if location else ""
+    return name or ("CC-Tuning adapter" if cc else "LoRA baseline adapter")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple, set)):
+        return ", ".join(str(item) for item in sorted(value, key=str)) or "—"
+    return "—" if value is None else str(value)
+
+
+def _table(rows: Mapping[str, Any], header: tuple[str, str] = ("setting", "value")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
+    return "\n".join(lines + [f"| {name} | {_shown(value)} |" for name, value in rows.items()])
 
 
 def _versions() -> str:
-    names = ("peft-cc", "peft", "transformers", "trl", "torch")
     found = []
-    for name in names:
+    for name in ("peft-cc", "peft", "transformers", "trl", "torch"):
         try:
             found.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
@@ -86,229 +240,132 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def _metadata(base_model: str | None, languages: Sequence[str], datasets: Sequence[str]) -> str:
-    from huggingface_hub import ModelCardData
+def _demonstration_warning(training: Mapping[str, Any] | None, stats: Mapping[str, Any] | None) -> list[str]:
+    """A warning, first thing after the introduction, for a run too short to use and an underdetermined fit."""
+    warnings = []
+    steps = (training or {}).get("optimizer steps")
+    per_step = (training or {}).get("examples per step")
+    if isinstance(steps, int) and isinstance(per_step, int) and steps * per_step < DEMONSTRATION_EXAMPLES:
+        warnings.append(
+            f"trained on {steps * per_step} examples ({steps} steps of {per_step}), fewer than "
+            f"{DEMONSTRATION_EXAMPLES}: a demonstration of the pipeline, not a model to use"
+        )
+    if stats and stats["num_rows"] < stats["hidden_size"]:
+        warnings.append(
+            f"its Transform Matrix was fitted on {stats['num_rows']} rows for {stats['hidden_size']}×"
+            f"{stats['hidden_size']} unknowns (underdetermined: the ridge decided most of it), so its R² on the "
+            "fitted pairs says nothing"
+        )
+    return [f"> **Warning:** this adapter was {'; '.join(warnings)}."] if warnings else []
 
-    tags = ["peft", "peft-cc", "cc-tuning", "lora", "multilingual"]
-    if base_model:
-        tags.append(f"base_model:adapter:{base_model}")
-    data = ModelCardData(
-        base_model=base_model,
-        library_name="peft",
-        pipeline_tag="text-generation",
-        language=list(languages) or None,
-        datasets=list(datasets) or None,
-        tags=tags,
+
+def _loading_section(config: PeftConfig, location: str | None, base_model: str | None) -> list[str]:
+    """How to load it: the package, and a generation snippet with the chat template."""
+    cc = isinstance(config, CCConfig)
+    version = _versions().split(",")[0].removeprefix("peft-cc ") if cc else ""
+    install = (
+        f"peft-cc {version} is not on PyPI: install it from a clone of its repository (`pip install .` in the "
+        "clone), or from a wheel built there (`pip wheel --no-deps . -w dist`)."
+        if cc
+        else "PEFT alone loads it (`pip install peft transformers`)."
     )
-    return f"---\n{data.to_yaml()}\n---"
+    registration = "import peft_cc  # registers the CC method with PEFT: import it before loading\n" if cc else ""
+    snippet = f"""```python
+{registration}from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
 
-
-def model_card(config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id: str | None = None) -> str:
-    """The Markdown model card of an adapter with configuration `config` and the recorded `facts`.
-
-    Args:
-        config: the adapter's configuration (its `base_model_name_or_path` gives the base model).
-        facts: see :func:`add_model_card_facts`; missing facts leave their section out.
-        repo_id: the Hub repository the card is for (used in the loading snippet).
-    """
-    facts = dict(facts or {})
-    local_base = config.base_model_name_or_path
-    base_model = facts.get("base_model") or _hub_id(local_base)
-    languages = list(facts.get("languages") or [])
-    datasets = list(facts.get("datasets") or [])
-    title = repo_id.split("/")[-1] if repo_id else "CC-Tuning adapter"
-    if base_model:
-        base_text = f"[{base_model}](https://huggingface.co/{base_model})"
-    else:
-        base_text = f"the local model `{local_base}`" if local_base else "an unrecorded base model"
-    # ">" escaped (valid JSON) so that no value can end the comment.
-    facts_json = json.dumps(facts, ensure_ascii=False, default=str).replace(">", "\\u003e")
-    sections = [
-        _metadata(base_model, languages, datasets),
-        f"{MODEL_CARD_MARKER}\n<!-- peft-cc model card facts: {facts_json} -->",
-        f"# {title}",
-        f"A [CC-Tuning]({PAPER_URL}) adapter (Cross-lingual Connection Tuning, ACL 2025) for {base_text}, made with "
-        "peft-cc: LoRA plus a Decision Maker and a Transform Matrix that "
-        "connect the model's processing of a non-English prompt with its processing of the same prompt in English. "
-        "In training, the Decision Maker chooses for each example which layer's FFN activation of the English prompt "
-        f"is added after decoder layer {config.injection_layer} at the last prompt token; at inference, with only "
-        "the non-English prompt, the Transform Matrix simulates that English activation from the model's own.",
+model = AutoPeftModelForCausalLM.from_pretrained("{location or "path/to/this/adapter"}")
+tokenizer = AutoTokenizer.from_pretrained("{base_model}")
+messages = [{{"role": "user", "content": "Quelle est la capitale de la France ?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0, inputs["input_ids"].shape[1]:]))
+```"""
+    notes = [
+        "Template prompts as in training (the chat template with its generation prompt): the connection is applied "
+        "at the last prompt token. `generate` uses the monolingual connection (the Transform Matrix simulates the "
+        'English activation); `connection="off"` gives LoRA alone; lm-evaluation-harness: `python -m '
+        "peft_cc.lm_eval --model cc --model_args pretrained=<base>,peft=<this adapter>`."
+        if cc
+        else "Evaluate it like any PEFT adapter, e.g. with lm-evaluation-harness (`--model hf --model_args "
+        "pretrained=<base>,peft=<this adapter>`, or peft-cc's `cc` model type, which is the same without a "
+        "CC-Tuning adapter)."
     ]
-    if base_model and local_base and base_model != local_base:
-        sections.append(f"The base model was loaded from a local copy (`{local_base}`) of the model named above.")
-    sections += _loading_section(repo_id, base_model or local_base)
-    sections += _adapter_section(config)
-    sections += _facts_sections(facts, languages, datasets)
-    sections += [
-        "## Method",
-        f"CC-Tuning: [arXiv 2506.00875]({PAPER_URL}). Versions: {_versions()}.",
-    ]
-    return "\n\n".join(sections) + "\n"
+    return ["## How to load it", install, snippet, *notes]
 
 
-def _adapter_section(config: CCConfig) -> list[str]:
-    """The card's table of the adapter's settings."""
-    strategy = config.variance_reinforce_config
-    knobs = (
-        {}
-        if strategy is None
-        else {
-            "Decision Maker learns from (fraction of training)": strategy.start_fraction,
-            "injection gate (initial value)": strategy.gate_init,
-        }
-    )
-    return [
-        "## Adapter",
-        _table(
+def _training_sections(
+    config: PeftConfig,
+    languages: Sequence[str],
+    datasets: Sequence[str],
+    training: Mapping[str, Any] | None,
+    losses: Mapping[str, float] | None,
+) -> list[str]:
+    """What it was trained on, with which adapter and run settings, and how the loss went."""
+    sections = []
+    if languages or datasets:
+        text = []
+        if datasets:
+            text.append(f"Data: {', '.join(f'`{name}`' for name in datasets)}.")
+        if languages:
+            text.append(f"Languages: {', '.join(languages)}, each prompt paired with its English version.")
+        sections += ["## Training data", " ".join(text)]
+    adapter = {
+        "LoRA rank / alpha / dropout": f"{config.r} / {config.lora_alpha} / {config.lora_dropout}",
+        "LoRA target modules": config.target_modules,
+    }
+    if isinstance(config, CCConfig):
+        adapter.update(
             {
-                "LoRA rank / alpha / dropout": f"{config.r} / {config.lora_alpha} / {config.lora_dropout}",
-                "LoRA target modules": sorted(config.target_modules)
-                if isinstance(config.target_modules, (set, list))
-                else config.target_modules,
                 "candidate source layers": "all" if config.source_layers is None else config.source_layers,
                 "injection after decoder layer": config.injection_layer,
                 "Gumbel-Softmax temperature": config.gumbel_temperature,
                 "gradients through the English pass": config.english_gradients,
-                "Decision Maker": config.decision_maker,
-                **knobs,
             }
-        ),
-    ]
+        )
+    sections += ["## Training", _table({**adapter, **(training or {})})]
+    if losses:
+        sections.append(_table(losses, header=("loss", "nats per token")))
+    return sections
 
 
-def _facts_sections(facts: Mapping[str, Any], languages: Sequence[str], datasets: Sequence[str]) -> list[str]:
-    """The card's sections on what is known of the adapter: training data and run, layer choice, Transform Matrix
-    fit, evaluation."""
-    sections: list[str] = []
-    if languages or datasets:
-        data = []
-        if languages:
-            data.append(f"Languages: {', '.join(languages)} (each example paired with its English prompt).")
-        if datasets:
-            data.append(f"Data: {', '.join(datasets)}.")
-        sections += ["## Training data", " ".join(data)]
-    training = facts.get("training")
-    if training:
-        sections += ["## Training", _table(training)]
-    layer_choice = facts.get("layer_choice")
+def _connection_sections(layer_choice: Mapping[str, Any] | None, stats: Mapping[str, Any] | None) -> list[str]:
+    """The Decision Maker's choices over the run, and the Transform Matrix fit."""
+    sections = []
     if layer_choice:
         most = ", ".join(f"{layer} ({share:.0%})" for layer, share in layer_choice["most_chosen"].items())
         sections += [
             "## Layer choice of the Decision Maker",
             f"Over {layer_choice['connected_rows']} connected training rows, the most chosen source layers were "
             f"{most}; the entropy of the choices was {layer_choice['choice_entropy']:.3f} nats (uniform over the "
-            f"{layer_choice['num_source_layers']} candidates: {layer_choice['max_entropy']:.3f}). "
-            f"Rows without a valid anchor (not connected): {layer_choice['unconnected_rows']}.",
+            f"{layer_choice['num_source_layers']} candidates: {layer_choice['max_entropy']:.3f}). Rows without a "
+            f"valid anchor (not connected): {layer_choice['unconnected_rows']}.",
         ]
-    stats = facts.get("transform_matrix")
-    if stats:
-        heldout = stats.get("r2_heldout")
-        heldout_text = (
-            f"R² {heldout:.4f} on {stats['num_heldout_pairs']} held-out pairs, " if heldout is not None else ""
-        )
-        sections += [
+    if not stats:
+        return [
+            *sections,
             "## Transform Matrix",
-            f"Fitted by least squares on {stats['num_pairs']} (non-English, English) prompt pairs "
-            f"({stats['num_rows']} rows: pairs × source layers): {heldout_text}R² {stats['r2_train']:.4f} on the "
-            "fitted pairs (the share of the variance of the English FFN activations it recovers).",
+            "Not fitted: the monolingual connection refuses to run until `peft_cc.fit_transform_matrix` is run.",
         ]
-    else:
-        sections += [
-            "## Transform Matrix",
-            "Not fitted: the monolingual connection adds nothing until `peft_cc.fit_transform_matrix` is run.",
-        ]
-    evaluation = facts.get("evaluation")
-    if evaluation:
-        text = _table(evaluation) if isinstance(evaluation, Mapping) else str(evaluation)
-        sections += ["## Evaluation", text]
-    return sections
-
-
-def _loading_section(repo_id: str | None, base_model: str | None) -> list[str]:
-    """The card's "How to load it" section: the package to install, and a generation snippet."""
-    loading = repo_id or "<this repository>"
+    heldout = stats.get("r2_heldout")
+    heldout_text = f"R² {heldout:.4f} on {stats['num_heldout_pairs']} held-out pairs; " if heldout is not None else ""
     return [
-        "## How to load it",
-        "Loading needs the `peft-cc` package (`pip install peft-cc`), imported before PEFT reads the adapter: "
-        "without it PEFT does not know the adapter type `CC` and fails with `KeyError: 'CC'`.",
-        f"""```python
-import peft_cc  # registers the CC method with PEFT
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("{loading}")
-tokenizer = AutoTokenizer.from_pretrained("{base_model or "<base model>"}")
-messages = [{{"role": "user", "content": "Quelle est la capitale de la France ?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0, inputs["input_ids"].shape[1]:]))
-```""",
-        '`generate` uses the monolingual connection (the Transform Matrix); `connection="off"` gives LoRA alone.',
+        *sections,
+        "## Transform Matrix",
+        f"Fitted by least squares on {stats['num_pairs']} (non-English, English) prompt pairs of the training data "
+        f"({stats['num_rows']} rows: pairs × layers, for {stats['hidden_size']}×{stats['hidden_size']} unknowns): "
+        f"{heldout_text}R² {stats['r2_train']:.4f} on the fitted pairs (the share of the variance of the English FFN "
+        "activations it recovers; the held-out figure is the one that tells).",
     ]
 
 
-def write_model_card(
-    directory: str | os.PathLike, config: CCConfig, facts: Mapping[str, Any] | None = None, repo_id: str | None = None
-) -> Path:
-    """Write :func:`model_card` to `directory/README.md` (replacing the card there); returns its path."""
-    path = Path(directory) / "README.md"
-    path.write_text(model_card(config, facts, repo_id), encoding="utf-8")
-    return path
-
-
-def read_model_card_facts(directory: str | os.PathLike) -> dict[str, Any]:
-    """The facts a card written by :func:`write_model_card` in `directory` carries; `{}` without such a card."""
-    path = Path(directory) / "README.md"
-    if not path.is_file():
-        return {}
-    found = FACTS_COMMENT.search(path.read_text(encoding="utf-8"))
-    return json.loads(found.group("facts")) if found else {}
-
-
-def _cc_config(model: PeftModel) -> CCConfig | None:
-    """The configuration of the model's active CC-Tuning adapter, or `None` for other adapters."""
-    config = model.peft_config.get(model.active_adapter)
-    return config if isinstance(config, CCConfig) else None
-
-
-def install_model_card_hooks() -> None:
-    """Make `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write the CC-Tuning model card, and
-    `PeftModel.load_adapter` (hence `from_pretrained`) read back the facts of a local adapter's card; once.
-
-    PEFT has no per-method hook for the card: `save_pretrained` writes it with `create_or_update_model_card`, and
-    `push_to_hub` (transformers) saves the adapter into a folder, writes the Hub's model card over that one, then
-    uploads the folder with `_upload_modified_files`. Both are wrapped to write :func:`model_card` for a CC-Tuning
-    adapter; other adapters are left to PEFT.
-    """
-    if getattr(PeftModel.create_or_update_model_card, "writes_cc_model_card", False):
-        return
-    create_card = PeftModel.create_or_update_model_card
-    upload = PeftModel._upload_modified_files
-    load_adapter = PeftModel.load_adapter
-
-    @functools.wraps(load_adapter)
-    def load_adapter_with_card_facts(self, model_id, adapter_name, *args, **kwargs):
-        result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
-        if isinstance(self.peft_config.get(adapter_name), CCConfig) and os.path.isdir(model_id):
-            facts = self.base_model.model_card_facts
-            for key, value in read_model_card_facts(model_id).items():
-                facts.setdefault(key, value)
-        return result
-
-    @functools.wraps(create_card)
-    def create_cc_model_card(self, output_dir, *args, **kwargs):
-        config = _cc_config(self)
-        if config is None:
-            return create_card(self, output_dir, *args, **kwargs)
-        write_model_card(output_dir, config, self.base_model.model_card_facts)
-
-    @functools.wraps(upload)
-    def upload_with_cc_model_card(self, working_dir, repo_id, *args, **kwargs):
-        config = _cc_config(self)
-        if config is not None:
-            write_model_card(working_dir, config, self.base_model.model_card_facts, repo_id=repo_id)
-        return upload(self, working_dir, repo_id, *args, **kwargs)
-
-    create_cc_model_card.writes_cc_model_card = True
-    PeftModel.create_or_update_model_card = create_cc_model_card
-    PeftModel._upload_modified_files = upload_with_cc_model_card
-    PeftModel.load_adapter = load_adapter_with_card_facts
+def _limitations(cc: bool) -> list[str]:
+    if not cc:
+        return []
+    return [
+        "## Limitations",
+        "CC-Tuning's published gains over plain multilingual fine-tuning were measured with full fine-tuning of "
+        "7-8B models; peft-cc's own experiment on 135M-270M models found it no better than a LoRA baseline. Judge "
+        "this adapter against a LoRA adapter trained on the same data (`peft-cc sft --method lora` with the same "
+        "config), evaluated on the same items (`peft-cc compare`). The Decision Maker's layer choice and the "
+        "Transform Matrix are fitted to the training languages; other languages get an untested connection.",
+    ]

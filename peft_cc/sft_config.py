@@ -50,23 +50,12 @@ class CCSFTConfig(SFTConfig):
             processes and fewer accumulation steps, draws the same noise. `False` draws from torch's global generator
             as it stands.
 
-        decision_maker_learning_rate (`float`, *optional*):
-            Learning rate of the Decision Maker's parameters (its weights and, for the gated strategy, its gate), in
-            their own optimizer parameter group (no weight decay; the same schedule as the other weights). `None`
-            trains them with `learning_rate`, as the paper does. An optimizer passed to the trainer (`optimizers=`)
-            is used as it is.
-        decision_maker_init_examples (`int`, *optional*, defaults to `64`):
-            Number of training examples (the first batches of the training data) from which the trainer
-            initialises the Decision Maker when the adapter has `decision_maker="variance_reinforce_gated"`.
-
         > Parameters that control the logging
 
         log_layer_frequencies (`bool`, *optional*, defaults to `True`):
             Whether training logs hold, next to the summary of the layer choice (`cc/choice_entropy`,
             `cc/most_chosen_layer`, ...), one key `cc/layer_frequency/<layer>` per candidate source layer: the fraction
-            of the connected rows since the previous log whose Decision Maker chose that layer (and, for
-            `decision_maker="variance_reinforce_gated"`, one key `cc/injection_gate/<layer>`: that layer's learned
-            gate).
+            of the connected rows since the previous log whose Decision Maker chose that layer.
     """
 
     english_prompt_field: str = field(
@@ -99,27 +88,11 @@ class CCSFTConfig(SFTConfig):
             "the same noise. False draws from torch's global generator as it stands."
         },
     )
-    decision_maker_learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Learning rate of the Decision Maker's parameters, its gate included (their own parameter group, "
-            "no weight decay, the same schedule). None uses `learning_rate`, as the paper does. An optimizer passed "
-            "to the trainer is used as it is."
-        },
-    )
-    decision_maker_init_examples: int = field(
-        default=64,
-        metadata={
-            "help": "Number of training examples (the first batches) from which the Decision Maker is initialised "
-            "when the adapter has `decision_maker='variance_reinforce_gated'` (at least 2)."
-        },
-    )
     log_layer_frequencies: bool = field(
         default=True,
         metadata={
             "help": "Whether training logs hold one key `cc/layer_frequency/<layer>` per candidate source layer (the "
-            "fraction of connected rows whose Decision Maker chose it since the previous log) and, for the gated "
-            "Decision Maker, one key `cc/injection_gate/<layer>` (its learned gate)."
+            "fraction of connected rows whose Decision Maker chose it since the previous log)."
         },
     )
 
@@ -137,13 +110,6 @@ class CCSFTConfig(SFTConfig):
             not _is_int(self.transform_batch_size) or self.transform_batch_size < 1
         ):
             raise ValueError(f"`transform_batch_size` must be None or an int >= 1, got {self.transform_batch_size!r}.")
-        if not _is_int(self.decision_maker_init_examples) or self.decision_maker_init_examples < 2:
-            raise ValueError(
-                f"`decision_maker_init_examples` must be an int >= 2, got {self.decision_maker_init_examples!r}."
-            )
-        rate = self.decision_maker_learning_rate
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not rate > 0):
-            raise ValueError(f"`decision_maker_learning_rate` must be None or a number > 0, got {rate!r}.")
         check_supported_options(self)
 
 

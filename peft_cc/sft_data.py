@@ -4,7 +4,8 @@
 - [`tokenize_english_prompts`]: the column `english_input_ids`, each English prompt tokenized exactly as TRL
   tokenizes the prompt of its row;
 - [`DataCollatorForCCLanguageModeling`]: TRL's collator plus the English prompts;
-- [`training_pairs`]: `(prompt, English prompt)` token ids of prepared training rows, for the Transform Matrix fit.
+- [`training_pairs`]: `(prompt, English prompt)` token ids of prepared training rows, for the Transform Matrix fit;
+- [`generation_prompt_ids`]: the chat template's generation prompt that ends every prompt, where the anchor is.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import itertools
 import json
 import random
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,8 +147,11 @@ def _check_columns(columns: list[str], dataset_name: str, args: CCSFTConfig) -> 
     if field not in columns:
         raise ValueError(
             f"The {dataset_name} dataset has no `{field}` column (columns: {columns}). CC-Tuning needs the English "
-            f"version of every prompt, in the same form as `prompt`; name its column with "
-            f"`CCSFTConfig(english_prompt_field=...)`."
+            f"version of every prompt, in the same form as `prompt`. If your data has it under another name, name "
+            f"that column: `--english_prompt_field NAME` (peft-cc sft) or `CCSFTConfig(english_prompt_field=...)`. "
+            "To build the columns from parallel data (a table with an English column, parallel chats, two tables "
+            "joined on an id), see examples/load_parallel_dataset.py. To train plain LoRA without English prompts, "
+            "use `peft-cc sft --method lora`."
         )
 
 
@@ -286,11 +290,48 @@ def training_pairs(
     """
     if isinstance(dataset, Dataset):
         indices = random.Random(seed).sample(range(len(dataset)), min(num_pairs, len(dataset)))
-        rows: Iterable[dict[str, Any]] = dataset.select(indices).select_columns(
-            ["input_ids", "labels", ENGLISH_INPUT_IDS]
-        )
+        yield from _prompt_pairs(dataset.select(indices))
     else:
-        rows = itertools.islice(iter(dataset), num_pairs)
+        yield from itertools.islice(_prompt_pairs(dataset), num_pairs)
+
+
+def _prompt_pairs(dataset: Dataset | IterableDataset) -> Iterator[tuple[list[int], list[int]]]:
+    """`(prompt ids, English prompt ids)` of each row of a prepared dataset, in order (see :func:`training_pairs`)."""
+    rows = dataset.select_columns(["input_ids", "labels", ENGLISH_INPUT_IDS])
     for row in rows:
         anchor = int(anchors_from_labels(torch.tensor([row["labels"]]))[0])
         yield (list(row["input_ids"][: anchor + 1]) if anchor >= 0 else []), list(row[ENGLISH_INPUT_IDS])
+
+
+def generation_prompt_ids(
+    dataset: Dataset | IterableDataset, processing_class: PreTrainedTokenizerBase, chat_template: str | None = None
+) -> list[int] | None:
+    """The token ids of the chat template's generation prompt, where every prompt of the prepared `dataset` ends with
+    them (conversational data; checked on its first 64 rows), else `None` (plain-text data, no chat template).
+
+    The connection's anchor is the last of these tokens: :meth:`peft_cc.CCModel.generate` warns when a prompt does
+    not end with them.
+    """
+    if not (chat_template or getattr(processing_class, "chat_template", None)):
+        return None
+    conversation = [{"role": "user", "content": "?"}]
+
+    def templated(add_generation_prompt: bool) -> list[int]:
+        return list(
+            processing_class.apply_chat_template(
+                conversation,
+                tokenize=True,
+                return_dict=True,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+            )["input_ids"]
+        )
+
+    without, with_prompt = templated(False), templated(True)
+    if len(with_prompt) <= len(without) or with_prompt[: len(without)] != without:
+        return None
+    ending = with_prompt[len(without) :]
+    prompts = [prompt for prompt, _ in itertools.islice(_prompt_pairs(dataset), 64) if prompt]
+    if prompts and all(prompt[-len(ending) :] == ending for prompt in prompts):
+        return ending
+    return None

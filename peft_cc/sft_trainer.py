@@ -1,22 +1,22 @@
 """CC-Tuning as a TRL trainer: supervised fine-tuning on multilingual prompt-completion data with English prompts.
 
-[`CCSFTTrainer`] keeps the data (the English prompts, tokenized like TRL's prompts and collated by
-[`DataCollatorForCCLanguageModeling`]; see `peft_cc.sft_data`) and the loss (TRL's, from its fused LM head, plus the
-Decision Maker's auxiliary loss). The rest of a run is done by the callbacks of `peft_cc.callbacks`, which it adds to
-itself: the training progress, the Decision Maker's initialisation, the layer-choice statistics (`cc/...` log keys),
-the model card facts and the Transform Matrix fit when training ends.
+[`CCSFTTrainer`] adds to TRL's `SFTTrainer` the English prompts (tokenized like TRL's prompts and collated by
+[`DataCollatorForCCLanguageModeling`]; see `peft_cc.sft_data`), the layer-choice statistics of its training logs, the
+Transform Matrix fit when training ends, and the adapter's model card (`peft_cc.model_card`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import textwrap
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig, PeftModel
 from torch import nn
@@ -26,57 +26,22 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .anchors import anchors_from_labels
-from .callbacks import (
-    DecisionMakerInitializationCallback,
-    LayerChoiceCallback,
-    TrainingFactsCallback,
-    TrainingProgressCallback,
-    TransformMatrixCallback,
-    fit_transform_matrix_on_training_pairs,
-    initialize_decision_maker_from_training_data,
-)
 from .config import CCConfig
+from .layer_choice import LOG_PREFIX, LayerChoiceStatistics
 from .model import CCModel
-from .model_card import write_model_card
+from .model_card import CITATION, training_run_facts, write_model_card
 from .sft_config import REPLACED_LOSS, CCSFTConfig, as_cc_sft_config, check_supported_options
-from .sft_data import ENGLISH_INPUT_IDS, DataCollatorForCCLanguageModeling, check_datasets, tokenize_english_prompts
+from .sft_data import (
+    ENGLISH_INPUT_IDS,
+    DataCollatorForCCLanguageModeling,
+    check_datasets,
+    generation_prompt_ids,
+    tokenize_english_prompts,
+    training_pairs,
+)
+from .transform_matrix import fit_transform_matrix
 
-__all__ = ["CCSFTTrainer", "DataCollatorForCCLanguageModeling", "decision_maker_parameters"]
-
-_CITATION = textwrap.dedent("""\
-    @inproceedings{ye2025cctuning,
-        title        = {{CC-Tuning: A Cross-Lingual Connection Mechanism for Improving Joint Multilingual Supervised
-                         Fine-Tuning}},
-        author       = {Yangfan Ye and Xiaocheng Feng and Zekun Yuan and Xiachong Feng and Libo Qin and Lei Huang and
-                        Weitao Ma and Yichong Huang and Zhirui Zhang and Yunfei Lu and Xiaohui Yan and Duyu Tang and
-                        Dandan Tu and Bing Qin},
-        year         = 2025,
-        booktitle    = {Proceedings of the 63rd Annual Meeting of the Association for Computational Linguistics
-                        (Volume 1: Long Papers)},
-        url          = {https://aclanthology.org/2025.acl-long.933/},
-    }""")
-
-
-def decision_maker_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters of the Decision Makers of a CC-Tuning model, from its `cc_decision_maker` modules.
-
-    These are the weight `[S, d]` of each Decision Maker and, for `decision_maker="variance_reinforce_gated"`, its gate
-    `[S]`. [`CCSFTTrainer`] gives them an optimizer parameter group of their own when `decision_maker_learning_rate`
-    is set; a custom optimizer can do the same:
-
-    ```python
-    >>> decision_maker = peft_cc.sft_trainer.decision_maker_parameters(model)
-    >>> others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in decision_maker)]
-    >>> torch.optim.AdamW([{"params": others}, {"params": decision_maker, "lr": 1e-3, "weight_decay": 0.0}])
-    ```
-
-    Args:
-        model: a `PeftModel` with a CC-Tuning adapter, or its `CCModel`.
-    """
-    tuner = model if isinstance(model, CCModel) else getattr(model, "base_model", None)
-    if not isinstance(tuner, CCModel):
-        raise ValueError(f"The model ({type(model).__name__}) has no CC-Tuning adapter. " + _NO_CC_ADAPTER)
-    return [p for module in tuner.cc_decision_maker.values() for p in module.parameters() if p.requires_grad]
+__all__ = ["CCSFTTrainer", "DataCollatorForCCLanguageModeling"]
 
 
 class CCSFTTrainer(SFTTrainer):
@@ -109,10 +74,10 @@ class CCSFTTrainer(SFTTrainer):
     Each step runs, in one forward call of the model, the English prompts, the Decision Maker and the connected
     non-English sequences. The loss is TRL's: the completion-only loss of the non-English sequences (`loss_type`
     `"nll"` or `"dft"`, computed by TRL's fused LM head without the `[B, T, V]` logits, normalized over the tokens of
-    the whole accumulated batch), plus the Decision Maker's auxiliary loss (`decision_maker_loss` of the model's
-    output, value 0). The callbacks of `peft_cc.callbacks` do the rest: the Decision Maker's initialisation when
-    training begins, the layer-choice statistics in every training log, next to TRL's metrics (see
-    [`~peft_cc.callbacks.LayerChoiceCallback`] and docs/training.md), and the Transform Matrix fit when it ends.
+    the whole accumulated batch). Every training log holds the layer-choice statistics (`cc/...`, see
+    [`~peft_cc.layer_choice.LayerChoiceStatistics`]) next to TRL's metrics. When training ends, the trainer fits the
+    Transform Matrix on `transform_pairs` training pairs; its model card (`create_model_card`, written with the model
+    by `save_model`) reports the run.
 
     Args:
         model (`str` or [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
@@ -138,7 +103,7 @@ class CCSFTTrainer(SFTTrainer):
         compute_metrics (`Callable[[EvalPrediction], dict]`, *optional*):
             As in [`trl.SFTTrainer`] (the logits it gets take an extra forward pass).
         callbacks (list of [`~transformers.TrainerCallback`], *optional*):
-            As in [`trl.SFTTrainer`]; the trainer adds those of `peft_cc.callbacks` after them.
+            As in [`trl.SFTTrainer`].
         optimizers (`tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]`, *optional*):
             As in [`trl.SFTTrainer`].
         optimizer_cls_and_kwargs (`tuple[type[torch.optim.Optimizer], dict[str, Any]]`, *optional*):
@@ -165,7 +130,7 @@ class CCSFTTrainer(SFTTrainer):
         "title": "CC-Tuning: A Cross-Lingual Connection Mechanism for Improving Joint Multilingual Supervised "
         "Fine-Tuning",
         "id": "2506.00875",
-        "citation": _CITATION,
+        "citation": CITATION,
     }
 
     def __init__(
@@ -223,19 +188,18 @@ class CCSFTTrainer(SFTTrainer):
                 field.name: getattr(self.data_collator, field.name) for field in dataclasses.fields(self.data_collator)
             }
             self.data_collator = DataCollatorForCCLanguageModeling(**options)
-        self._layer_choice = LayerChoiceCallback(self)
-        for callback in (
-            TrainingProgressCallback(self),
-            DecisionMakerInitializationCallback(self),
-            self._layer_choice,
-            TrainingFactsCallback(self),
-            TransformMatrixCallback(self),
-        ):
-            self.add_callback(callback)
+        config: CCConfig = tuner.peft_config[tuner.active_adapters[0]]
+        if config.generation_prompt_ids is None:
+            config.generation_prompt_ids = generation_prompt_ids(
+                self.train_dataset, self.processing_class, self.chat_template
+            )
+        self.layer_choice = LayerChoiceStatistics(tuner.source_layers())
+        self.layer_choice_summary: dict[str, Any] | None = None
+        self.transform_matrix_stats: dict[str, Any] | None = None
+        # The training data's name (a Hub dataset id or a file name) for the model card (`create_model_card`).
+        self.dataset_name: str | None = None
         self._noise_step: int | None = None
         self._noise_micro_batch = 0
-        self.transform_matrix_stats: dict[str, Any] | None = None
-        self.decision_maker_prior: torch.Tensor | None = None
 
     @property
     def cc_model(self) -> CCModel:
@@ -274,12 +238,10 @@ class CCSFTTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """TRL's loss of one CC-Tuning step (English pass, Decision Maker, connected pass), plus the Decision Maker's.
+        """TRL's loss of one CC-Tuning step (English pass, Decision Maker, connected pass).
 
-        TRL calls the model with its fused LM head and computes the `loss_type` loss and its metrics; the trainer adds
-        the `decision_maker_loss` of that forward call, scaled as TRL scales its loss (times the number of processes
-        when `num_items_in_batch` counts the tokens of all of them, since DDP averages the gradients), and counts the
-        layer choices of training forward calls for the logs.
+        TRL calls the model with its fused LM head and computes the `loss_type` loss and its metrics; the trainer
+        counts the layer choices of training forward calls for the logs.
 
         Args:
             model: the (possibly wrapped) model.
@@ -307,22 +269,14 @@ class CCSFTTrainer(SFTTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not outputs or "connected_rows" not in outputs[0]:
             raise ValueError("The model did not apply the CC-Tuning connection. " + _NO_CC_ADAPTER)
-        connection = outputs[0]  # the forward call of TRL's loss and metrics
         if self.model.training:
-            self._layer_choice.record(connection)
-        decision_maker_loss = connection.get("decision_maker_loss")
-        if decision_maker_loss is None:
-            return result
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            decision_maker_loss = decision_maker_loss * (self.accelerator.num_processes // self.get_tp_size())
-        if return_outputs:
-            return result[0] + decision_maker_loss, result[1]
-        return result + decision_maker_loss
+            self.layer_choice.record(outputs[0])  # the forward call of TRL's loss and metrics
+        return result
 
     @contextlib.contextmanager
     def _connection_outputs(self) -> Iterator[list[Mapping[str, Any]]]:
         """Collect the outputs of the CC-Tuning tuner's forward calls made in the block, in order: they hold what the
-        connection did (`connected_rows`, `layer_choice`, `layer_logits`, `decision_maker_loss`)."""
+        connection did (`connected_rows`, `layer_choice`, `layer_logits`)."""
         outputs: list[Mapping[str, Any]] = []
         handle = self.cc_model.register_forward_hook(lambda module, args, output: outputs.append(output))
         try:
@@ -357,80 +311,112 @@ class CCSFTTrainer(SFTTrainer):
         # The layer-choice statistics since the previous log join training logs (evaluation takes the arg-max),
         # before `Trainer.log` hands them to `state.log_history` and the reporters.
         if self.model.training:
-            logs.update(self._layer_choice.window_logs())
+            logs.update(self.layer_choice.window_logs(self._sum_over_processes, self.args.log_layer_frequencies))
         super().log(logs, start_time)
 
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The optimizer of [`~transformers.Trainer`], with the Decision Maker's parameters
-        ([`decision_maker_parameters`]) in a group of their own when `decision_maker_learning_rate` is set (no weight
-        decay; the scheduler scales it like the other groups). An optimizer passed to the trainer is left as it is."""
-        given = self.optimizer is not None
-        optimizer = super().create_optimizer(model)
-        learning_rate = self.args.decision_maker_learning_rate
-        if given or learning_rate is None:
-            return optimizer
-        selected = {id(p) for p in decision_maker_parameters(self.cc_model)}
-        moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in selected]
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in selected]
-        optimizer.add_param_group({"params": moved, "lr": learning_rate, "weight_decay": 0.0})
-        return optimizer
+    def _sum_over_processes(self, counts: torch.Tensor) -> torch.Tensor:
+        reduced = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum")
+        return reduced.to("cpu", torch.float64)
 
     # ------------------------------------------------------------------------------------------------ around training
 
-    def initialize_decision_maker(self) -> torch.Tensor:
-        """Initialise the Decision Maker from the first `decision_maker_init_examples` training examples.
-
-        [`~peft_cc.callbacks.DecisionMakerInitializationCallback`] calls it when training begins, for an adapter with
-        `decision_maker="variance_reinforce_gated"`; see
-        [`~peft_cc.callbacks.initialize_decision_maker_from_training_data`].
-
-        Returns:
-            `[S]` the prior over the candidate source layers (also kept as `decision_maker_prior`).
-        """
-        self.decision_maker_prior = initialize_decision_maker_from_training_data(self)
-        return self.decision_maker_prior
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then the layer choices of the whole run (for the model card) and, unless
+        `transform_pairs` is 0, the Transform Matrix fit on training pairs ([`fit_transform_matrix`]), so that the
+        saved adapter generates with the monolingual connection right away."""
+        output = super().train(*args, **kwargs)
+        self.layer_choice_summary = self.layer_choice.run_summary(self._sum_over_processes)
+        if self.args.transform_pairs > 0:
+            self.fit_transform_matrix()
+        return output
 
     def fit_transform_matrix(self, num_pairs: int | None = None) -> dict[str, Any] | None:
         """Fit the Transform Matrix of the adapter on a seeded sample of training pairs, and store it in the adapter.
 
-        [`~peft_cc.callbacks.TransformMatrixCallback`] calls it when training ends. It samples
-        `min(num_pairs, len(train_dataset))` rows with `random.Random(seed)` (the first `num_pairs` rows of an
-        iterable dataset) and runs [`peft_cc.fit_transform_matrix`] on their token ids: the prompt of each row as the
-        model saw it in training (`input_ids` up to the anchor) and its `english_input_ids`. Every process fits on the
-        same pairs; the matrix of the main process is then broadcast. The statistics of the fit are logged
-        (`cc/transform_...`) and kept in `self.transform_matrix_stats`.
+        [`train`] calls it when training ends. It samples `min(num_pairs, len(train_dataset))` rows with
+        `random.Random(seed)` (the first `num_pairs` rows of an iterable dataset) and runs
+        [`peft_cc.fit_transform_matrix`] on their token ids: the prompt of each row as the model saw it in training
+        (`input_ids` up to the anchor) and its `english_input_ids`. Every process fits on the same pairs; the matrix of
+        the main process is then broadcast. The statistics of the fit are logged (`cc/transform_...`) and kept in
+        `self.transform_matrix_stats`.
 
         With parameters sharded over processes (FSDP, DeepSpeed ZeRO-3) the decoder cannot run outside the wrapped
         model: the fit is skipped with a warning; fit it afterwards from the saved adapter in one process.
 
         Args:
-            num_pairs: how many pairs (default: `args.transform_pairs`).
+            num_pairs: how many pairs (default: `args.transform_pairs`; at least 1).
 
         Returns:
             The statistics of [`peft_cc.fit_transform_matrix`], or `None` if the fit was skipped.
         """
         num_pairs = self.args.transform_pairs if num_pairs is None else num_pairs
-        stats = fit_transform_matrix_on_training_pairs(self, num_pairs)
-        if stats is not None:
-            self.transform_matrix_stats = stats
+        if num_pairs <= 0:
+            raise ValueError(f"`num_pairs` must be >= 1, got {num_pairs}.")
+        if self._parameters_are_sharded():
+            warnings.warn(
+                "The parameters are sharded over processes (FSDP or DeepSpeed ZeRO-3), so the Transform Matrix is not "
+                "fitted at the end of training. Save the adapter, then fit it in one process: load it with "
+                "`PeftModel.from_pretrained(base, path, is_trainable=False)`, call `peft_cc.fit_transform_matrix` on "
+                "training pairs and `save_pretrained` again (see docs/training.md).",
+                stacklevel=2,
+            )
+            return None
+        stats = fit_transform_matrix(
+            self.accelerator.unwrap_model(self.model),
+            list(training_pairs(self.train_dataset, num_pairs, seed=self.args.seed)),
+            batch_size=self.args.transform_batch_size or self.args.per_device_eval_batch_size,
+            seed=self.args.seed,
+            show_progress=self.is_local_process_zero() and not self.args.disable_tqdm,
+        )
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.cc_model.transform_matrix(), src=0)
+        numbers = {key: value for key, value in stats.items() if type(value) in (int, float)}
+        self.log({f"{LOG_PREFIX}transform_{key}": float(value) for key, value in numbers.items()})
+        self.transform_matrix_stats = stats
         return stats
+
+    def _parameters_are_sharded(self) -> bool:
+        if self.is_fsdp_enabled:
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+    # ------------------------------------------------------------------------------------------------ model card
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, with the adapter's model card (:mod:`peft_cc.model_card`) in place of PEFT's."""
+        super().save_model(output_dir, _internal_call)
+        self._write_model_card(output_dir or self.args.output_dir)
 
     def create_model_card(
         self,
         model_name: str | None = None,
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
-    ):
-        """Write the adapter's model card (:mod:`peft_cc.model_card`) into `output_dir`, as `Trainer.push_to_hub`
-        and checkpoints do; `dataset_name` is recorded as the training data and `model_name` names the card."""
+    ) -> None:
+        """Write the adapter's model card (:mod:`peft_cc.model_card`) into `output_dir`, as TRL does at checkpoints and
+        `Trainer.push_to_hub`; `dataset_name` is recorded as the training data (and kept for later cards), and
+        `model_name` (or the Hub repository when pushing) names the card."""
+        if dataset_name:
+            self.dataset_name = dataset_name
+        self._write_model_card(self.args.output_dir, model_name)
+
+    def _write_model_card(self, directory: str, model_name: str | None = None) -> None:
         if not self.is_world_process_zero():
             return
-        if dataset_name:
-            self.cc_model.model_card_facts["datasets"] = [dataset_name]
-        config: CCConfig = self.cc_model.peft_config[self.cc_model.active_adapters[0]]
-        repo_id = model_name or (self.hub_model_id if self.args.push_to_hub else None)
-        write_model_card(self.args.output_dir, config, self.cc_model.model_card_facts, repo_id=repo_id)
+        tuner = self.cc_model
+        config: CCConfig = tuner.peft_config[tuner.active_adapters[0]]
+        hub_id = self.hub_model_id if self.args.push_to_hub else None
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        write_model_card(
+            directory,
+            config,
+            datasets=[self.dataset_name] if self.dataset_name else [],
+            layer_choice=self.layer_choice_summary,
+            transform_matrix=self.transform_matrix_stats,
+            location=hub_id or model_name or directory,
+            **training_run_facts(self.args, self.state, self.train_dataset, "peft_cc.CCSFTTrainer (TRL SFTTrainer)"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- checks

@@ -30,7 +30,6 @@ def main() -> None:
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=3)
     parser.add_argument("--global-noise", action="store_true", help="deterministic_gumbel_noise=False")
-    parser.add_argument("--decision-maker", default="paper", help="CCConfig.decision_maker")
     options = parser.parse_args()
     output = Path(options.output)
 
@@ -53,15 +52,13 @@ def main() -> None:
         disable_tqdm=True,
         seed=0,
         deterministic_gumbel_noise=not options.global_noise,
-        # The first batch only: the same 2 rows on process 0 of 2 as on a single process.
-        decision_maker_init_examples=2,
     )
     trainer = CCSFTTrainer(
         model=make_tiny_model("llama"),
         args=args,
         train_dataset=Dataset.from_list(conversational_rows()),
         processing_class=make_tiny_tokenizer(),
-        peft_config=cc_config(lora_dropout=0.1, decision_maker=options.decision_maker),
+        peft_config=cc_config(lora_dropout=0.1),
     )
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -1,7 +1,8 @@
-"""benchmarks/connection_capacity.py: forced-layer arms, the informativeness profile and restricted candidates.
+"""benchmarks/connection_capacity/connection_capacity.py: forced-layer arms, the informativeness profile and restricted
+candidates.
 
 The mechanics run on a tiny random Llama with SmolLM2's tokenizer and chat template (the capacity task's prompts need a
-chat template); what the arms learn on the real model is measured in docs/decision_maker.md.
+chat template); what the arms learn on the real model is measured in benchmarks/connection_capacity/README.md.
 """
 
 from __future__ import annotations
@@ -63,22 +64,20 @@ def test_source_layer_lists_parse_ranges_and_negative_layers_and_refuse_others()
 
 
 def test_forced_arms_use_their_layer_and_candidates_restrict_the_other_arms(monkeypatch, tiny_checkpoint, tmp_path):
-    arms = "profile,forced_-1,recommended,paper_default,recommended_completion_alignment"
+    arms = "profile,forced_-1,decision_maker_lr_5e-2,paper_default"
     _run(monkeypatch, tiny_checkpoint, tmp_path, "--arms", arms, "--source-layers", "0-2,5")
     results = json.loads((tmp_path / "results.json").read_text())
     forced = ["forced_0", "forced_3", "forced_4", "forced_5", "forced_6", "forced_-1"]
-    assert list(results) == [*forced, "recommended", "paper_default", "recommended_completion_alignment"]
+    assert list(results) == [*forced, "decision_maker_lr_5e-2", "paper_default"]
     for name in forced:
         layer = int(name.removeprefix("forced_")) % NUM_LAYERS
         assert results[name]["source_layers"] == [layer]
         assert {window["most_chosen_layer"] for window in results[name]["windows"]} == {layer}
     assert (tmp_path / "profile.png").stat().st_size > 0
-    assert results["recommended"]["source_layers"] == results["paper_default"]["source_layers"] == [0, 1, 2, 5]
-    share = results["recommended"]["english_variance_share"]
-    assert list(share) == ["0", "1", "2", "5"] and sum(share.values()) == pytest.approx(1.0, rel=1e-5)
-    share = results["recommended_completion_alignment"]["completion_alignment_share"]
-    assert list(share) == ["0", "1", "2", "5"] and sum(share.values()) == pytest.approx(1.0, rel=1e-5)
-    for window in results["recommended"]["windows"] + results["paper_default"]["windows"]:
+    assert (
+        results["decision_maker_lr_5e-2"]["source_layers"] == results["paper_default"]["source_layers"] == [0, 1, 2, 5]
+    )
+    for window in results["decision_maker_lr_5e-2"]["windows"] + results["paper_default"]["windows"]:
         assert window["most_chosen_layer"] in (0, 1, 2, 5)
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
@@ -27,14 +26,9 @@ def _run(command: list[str], timeout: int = 300) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("decision_maker", ["paper", "variance_reinforce_gated"])
-def test_two_processes_end_with_identical_adapters_equal_to_one_process_with_the_same_global_batch(
-    tmp_path, decision_maker
-):
+def test_two_processes_end_with_identical_adapters_equal_to_one_process_with_the_same_global_batch(tmp_path):
     """2 processes × batch 2 (DDP) against 1 process × batch 2 × 2 accumulation steps: global batch 4, 3 steps, with
-    LoRA dropout and the sampled layer choice; then the Transform Matrix fit on 8 pairs. The gated strategy also
-    checks the Decision Maker's initialisation (broadcast from process 0) and its REINFORCE term, which the trainer
-    adds scaled like the language-modeling loss."""
+    LoRA dropout and the sampled layer choice; then the Transform Matrix fit on 8 pairs."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir()
     single.mkdir()
@@ -51,8 +45,6 @@ def test_two_processes_end_with_identical_adapters_equal_to_one_process_with_the
             str(ddp),
             "--gradient-accumulation-steps",
             "1",
-            "--decision-maker",
-            decision_maker,
         ]
     )
     assert "world size 2, 3 steps" in out
@@ -64,8 +56,6 @@ def test_two_processes_end_with_identical_adapters_equal_to_one_process_with_the
             str(single),
             "--gradient-accumulation-steps",
             "2",
-            "--decision-maker",
-            decision_maker,
         ]
     )
     assert "world size 1, 3 steps" in out

@@ -8,8 +8,6 @@ from conftest import VOCAB_SIZE
 from helpers import MAX_NEW_TOKENS, cc_tuner, fit_random_transform, make_cc_model, naive_greedy, randomize_lora_b
 from transformers import StaticCache
 
-from peft_cc.generation import continuation_logits_with_connection
-
 
 def _left_padded_prompts(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
@@ -193,8 +191,7 @@ def test_continuation_logits_equal_the_connected_forward_of_each_row(architectur
     prompt_width, earlier = max(prompt_lengths), 2
     for connection in ("monolingual", "bilingual"):
         english = {"english_input_ids": english_ids, "english_attention_mask": english_mask}
-        logits = continuation_logits_with_connection(
-            tuner,
+        logits = tuner.continuation_logits(
             input_ids,
             attention_mask,
             prompt_width,
@@ -217,7 +214,7 @@ def test_continuation_logits_equal_the_connected_forward_of_each_row(architectur
                 rtol=1e-5,
                 msg=f"{connection}, row {row}",
             )
-    off = continuation_logits_with_connection(tuner, input_ids, attention_mask, prompt_width, connection="off")
+    off = tuner.continuation_logits(input_ids, attention_mask, prompt_width, connection="off")
     assert not torch.allclose(off[:, 0], logits[:, earlier])  # the connection changes the anchor's logits
 
 
@@ -232,9 +229,9 @@ def test_continuation_logits_cost_one_token_step_more_than_unconnected_scoring()
         .register_forward_hook(lambda module, args, output: tokens.append(output.shape[:2].numel()))
     )
     try:
-        continuation_logits_with_connection(tuner, input_ids, attention_mask, 12)
+        tuner.continuation_logits(input_ids, attention_mask, 12)
         connected, tokens[:] = sum(tokens), []
-        continuation_logits_with_connection(tuner, input_ids, attention_mask, 12, connection="off")
+        tuner.continuation_logits(input_ids, attention_mask, 12, connection="off")
         plain = sum(tokens)
     finally:
         handle.remove()
@@ -245,6 +242,6 @@ def test_continuation_logits_refuse_rows_whose_prompt_does_not_end_at_the_anchor
     tuner = cc_tuner(_prepared("llama"))
     input_ids, attention_mask, _ = _prompts_and_continuations([9, 5], [3, 2])
     with pytest.raises(ValueError, match="left-pad the prompts"):
-        continuation_logits_with_connection(tuner, input_ids, attention_mask.flip(1), 9)
+        tuner.continuation_logits(input_ids, attention_mask.flip(1), 9)
     with pytest.raises(ValueError, match="earlier_positions"):
-        continuation_logits_with_connection(tuner, input_ids, attention_mask, 9, earlier_positions=9)
+        tuner.continuation_logits(input_ids, attention_mask, 9, earlier_positions=9)

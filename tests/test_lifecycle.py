@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny_model
 from helpers import cc_config, cc_tuner, make_batch, make_cc_model, model_inputs, randomize_lora_b
 
-from peft_cc.model import DECISION_MAKER_KEY, TRANSFORM_MATRIX_KEY
+from peft_cc.checkpoint import DECISION_MAKER_KEY, TRANSFORM_MATRIX_KEY
 
 
 def _hooks(model: torch.nn.Module) -> int:

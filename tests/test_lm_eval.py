@@ -18,8 +18,6 @@ pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from peft_cc.lm_eval import TASKS_DIR  # noqa: E402
-from peft_cc.lm_eval.__main__ import with_task_path  # noqa: E402
 from peft_cc.lm_eval.model import CCLM, context_end_in_continuation, english_context  # noqa: E402
 
 DOCS = [
@@ -259,12 +257,6 @@ def test_connections_a_model_cannot_apply_are_refused(checkpoints):
 def test_rolling_log_likelihoods_refuse_the_connection(models):
     with pytest.raises(ValueError, match="connection=off"):
         models["monolingual"].loglikelihood_rolling([])
-
-
-def test_command_line_puts_this_package_tasks_on_the_path():
-    assert with_task_path(["--model", "cc"]) == ["--model", "cc", "--include_path", str(TASKS_DIR)]
-    assert with_task_path(["--include_path", "mine"]) == ["--include_path", "mine"]
-    assert with_task_path([]) == []
 
 
 def test_import_peft_cc_does_not_import_lm_eval():

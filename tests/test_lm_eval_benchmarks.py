@@ -1,21 +1,22 @@
-"""The data root's six benchmarks as lm-eval tasks: documents, item scores, task configurations, and a run with the
-packaged SmolLM2-135M-Instruct."""
+"""The data root's six benchmarks as lm-eval tasks (benchmarks/tasks/): documents, item scores, task configurations,
+loading from any working directory, and a run with the packaged SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT
 
 pytest.importorskip("lm_eval")
 
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from peft_cc.lm_eval import TASKS_DIR  # noqa: E402
-from peft_cc.lm_eval.benchmarks import (  # noqa: E402
+from data_root_tasks import (  # noqa: E402
     DATA_ROOT_VARIABLE,
     answer_token_count,
     load_benchmark,
@@ -25,8 +26,12 @@ from peft_cc.lm_eval.benchmarks import (  # noqa: E402
     score_open_qa,
     score_summary,
 )
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
 from peft_cc.lm_eval.model import CCLM  # noqa: E402
 
+TASKS_DIR = REPO_ROOT / "benchmarks" / "tasks"
 SHARED_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 BENCHMARKS = ("XNLI", "XStoryCloze", "MMMLU", "XQuAD", "MKQA", "XLSum")
 
@@ -170,6 +175,28 @@ def test_answer_nll_refuses_tasks_without_the_model_tokenizer(smollm2_id, data_r
             ),
             limit=1,
         )
+
+
+def test_the_tasks_load_from_any_working_directory_without_pythonpath(data_root, tmp_path):
+    """lm-eval loads the tasks' functions by file path: their module finds its siblings without the caller's help."""
+    code = textwrap.dedent(
+        f"""
+        from lm_eval.tasks import TaskManager
+        manager = TaskManager(include_path={str(TASKS_DIR)!r}, include_defaults=False,
+                              metadata={{"data_root": {str(data_root)!r}}})
+        tasks = manager.load(["peft_cc_xnli_en", "peft_cc_mkqa_de"])["tasks"]
+        print(sorted((name, type(task).__name__, len(task.eval_docs)) for name, task in tasks.items()))
+        """
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    expected = [("peft_cc_mkqa_de", "GenerationWithGoldLikelihood", 2), ("peft_cc_xnli_en", "ConfigurableTask", 2)]
+    assert result.stdout.splitlines()[-1] == str(expected)
 
 
 def test_every_benchmark_and_language_of_the_shared_data_root_has_a_task():

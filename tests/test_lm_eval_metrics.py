@@ -1,12 +1,11 @@
-"""The generative tasks' metrics (peft_cc.lm_eval.metrics) on hand-made cases, including scripts written without spaces
-(zh, ja, th)."""
+"""The generative tasks' metrics (benchmarks/tasks/answer_metrics.py) on hand-made cases, including scripts written
+without spaces (zh, ja, th)."""
 
 from __future__ import annotations
 
 import pytest
-
-from peft_cc.lm_eval.metrics import contains_answer, exact_match, rouge_l_f1, token_f1
-from peft_cc.lm_eval.normalization import normalize_text, tokenize
+from answer_metrics import contains_answer, exact_match, rouge_l_f1, token_f1
+from text_normalization import normalize_text, tokenize
 
 # ------------------------------------------------------------------------------------------------ normalisation
 

@@ -1,5 +1,5 @@
-"""The multilingual SFT experiment (benchmarks/multilingual_sft.py and its sft_* modules): the data split, the
-mixture's format, resumable runs, the invocations, and the report's arithmetic on hand-made results."""
+"""The multilingual SFT experiment (benchmarks/multilingual_sft/: multilingual_sft.py and its sft_* modules): the data
+split, the mixture's format, resumable runs, the invocations, and the report's arithmetic on hand-made results."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import shlex
 import multilingual_sft as experiment
 import pytest
 import sft_evaluate
+import sft_figure
 import sft_mixture
+import sft_plan
 import sft_report
 import sft_train
 from helpers import REPO_ROOT
+from parallel_data import CHOICES, available_languages, load_parallel_items
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from sft_mixture import EvaluationSizes
 from sft_runs import SYSTEMS, read_finished, write_finished
-
-from peft_cc.lm_eval.benchmarks import CHOICES
-from peft_cc.parallel_data import available_languages, load_parallel_items
 
 DATA_ROOT = os.environ.get("PEFT_CC_BENCHMARKS", str(REPO_ROOT.parent / "shared" / "data" / "benchmarks"))
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_ROOT), reason=f"no benchmark data at {DATA_ROOT}")
@@ -225,7 +225,7 @@ def test_a_finished_training_is_skipped(tmp_path, monkeypatch):
         raise AssertionError("a finished run must not load a model")
 
     monkeypatch.setattr(sft_train.AutoTokenizer, "from_pretrained", no_loading)
-    # the record without the adapter's weights (as docs/results/ keeps it): not finished, and not retrained over it
+    # the record without the adapter's weights (as the experiment's results/ keeps it): not finished, nor retrained
     with pytest.raises(FileNotFoundError, match="not the adapter's weights .adapter_model.safetensors.: move"):
         sft_train.train(SYSTEMS["lora"], 0, settings, sizes, folder)
     (folder / SAFETENSORS_WEIGHTS_NAME).touch()
@@ -254,9 +254,9 @@ def test_the_experiment_runs_every_system_seed_and_connection():
     ]
     assert runs[0] == ("evaluate", "base", None, None)
     trainings = [run for run in runs if run[0] == "train"]
-    assert len(trainings) == 4 * 2  # lora and three CC systems, two seeds
+    assert len(trainings) == 3 * 2  # lora and two CC systems, two seeds
     evaluations = [run for run in runs if run[0] == "evaluate"]
-    assert len(evaluations) == 1 + 2 + 3 * 2 * 2 + 3  # base, lora, CC mono and off, bilingual for seed 0
+    assert len(evaluations) == 1 + 2 + 2 * 2 * 2 + 2  # base, lora, CC mono and off, bilingual for seed 0
     assert ("evaluate", "cc-paper-noen", 0, "bilingual") in runs and (
         "evaluate",
         "cc-paper",
@@ -267,10 +267,7 @@ def test_the_experiment_runs_every_system_seed_and_connection():
         if command == "evaluate" and seed is not None:
             assert runs.index(("train", system, seed, None)) < runs.index((command, system, seed, connection))
     assert SYSTEMS["cc-paper-noen"].cc_options == {"english_gradients": False}
-    assert SYSTEMS["cc-gated-noen"].cc_options == {
-        "decision_maker": "variance_reinforce_gated",
-        "english_gradients": False,
-    }
+    assert SYSTEMS["cc-paper"].cc_options == {}  # the paper's settings: CCConfig's defaults
 
 
 def test_arguments_are_checked():
@@ -326,7 +323,7 @@ def test_arguments_are_checked():
 def test_a_packaged_model_defaults_to_the_design_of_its_reported_runs():
     gemma = experiment.parse_args(["all", "--model", "gemma3"])
     assert gemma.steps == 40 and gemma.seeds == (0, 1) and gemma.bilingual_seeds == ()
-    assert gemma.systems == ("base", "lora", "cc-paper", "cc-gated")
+    assert gemma.systems == ("base", "lora", "cc-paper")
     assert gemma.sizes == EvaluationSizes({"MKQA": 100, "XNLI": 80, "XStoryCloze": 80}, {"MKQA": 20})
     assert experiment.sizes_for(gemma, "off").loglik_items == {"MKQA": 40, "XNLI": 40, "XStoryCloze": 40}
     smollm2 = experiment.parse_args(["plan", "--model", "smollm2"])
@@ -365,7 +362,7 @@ def test_a_listed_invocation_runs_with_the_settings_it_was_listed_with(tmp_path)
     for command, system, seed, connection in listed:
         line = experiment.command_line(args, command, system, seed, connection)
         python, script, *argv = shlex.split(line)
-        assert (python, script) == ("python", "benchmarks/multilingual_sft.py")
+        assert (python, script) == ("python", "benchmarks/multilingual_sft/multilingual_sft.py")
         assert not {"--systems", "--seeds", "--bilingual-seeds"} & set(argv)
         again = experiment.parse_args(argv)
         assert (again.command, again.system, again.seed) == (command, system.name, seed)
@@ -445,7 +442,7 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
         (folder / "evaluation" / f"{name}.json").write_text(json.dumps(record))
     log = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5, "cc/choice_entropy": 1.2, "cc/most_chosen_layer": 3}]
     log[1] |= {"cc/layer_frequency/3": 0.6, "cc/layer_frequency/1": 0.4, "cc/transform_r2_heldout": 0.9}
-    for name in ("lora-seed0", "cc-paper-seed0", "cc-gated-seed0"):  # cc-gated: trained, not evaluated here
+    for name in ("lora-seed0", "cc-paper-seed0", "cc-paper-noen-seed0"):  # cc-paper-noen: trained, not evaluated
         (folder / "adapters" / name).mkdir(parents=True)
         training = {"settings": {"steps": 10}, "log_history": log, "seconds": {"training": 100.0, "total": 120.0}}
         (folder / "adapters" / name / sft_train.RECORD).write_text(json.dumps(training))
@@ -472,7 +469,7 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     against_lora = differences["cc-paper (bilingual)", "lora", "MKQA"]
     assert against_lora["difference"] == pytest.approx(-0.15) and against_lora["standard_error"] == pytest.approx(0.35)
     assert "Items per language: MKQA 2, XNLI 2 (cc-paper (off): MKQA 3, XNLI 3)." in text
-    assert "| train cc-paper-seed0 |" in text and "cc-gated" not in text  # the trainings of the evaluated adapters
+    assert "| train cc-paper-seed0 |" in text and "cc-paper-noen" not in text  # the evaluated adapters' trainings
     per_seed = {(r["system"], r["baseline"], r["seed"], r["benchmark"]): r for r in tables["differences_per_seed"]}
     # seed 0 against LoRA's seed 0: -0.3 and +0.5 per unit; seed 1 against LoRA's seed 1: -0.7 and -0.3
     assert per_seed["cc-paper", "lora", 0, "MKQA"]["difference"] == pytest.approx(0.1)
@@ -503,6 +500,19 @@ def test_the_report_pairs_items_averages_seeds_and_marks_differences_beyond_two_
     assert "| **total** | **" in text and (folder / "evaluation" / "report.md").read_text() == text
 
 
+def test_the_figure_shows_each_seed_and_the_mean_over_seeds_of_the_stored_reports(tmp_path):
+    report = json.loads((sft_figure.RESULTS / "multilingual_sft_smollm2_run1" / "report.json").read_text())
+    per_seed, across = sft_figure.comparison_points(report, "MKQA", ("cc-paper", "lora"))
+    assert [row["seed"] for row in per_seed] == [0, 1, 2]
+    assert [round(row["difference"], 3) for row in per_seed] == [0.068, 0.072, 0.202]  # the README's figures
+    assert across["seeds"] == 3 and across["difference"] == pytest.approx(0.114, abs=5e-4)
+    assert sft_figure.comparison_points(report, "MKQA", ("cc-paper", "nothing")) == ([], None)
+    sft_figure.main(["--output", str(tmp_path / "figure.png")])  # the two models' stored reports
+    assert (tmp_path / "figure.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no per-seed MMMLU rows"):
+        sft_figure.main(["--output", str(tmp_path / "none.png"), "--benchmark", "MMMLU"])
+
+
 def test_a_single_chosen_layer_reads_as_zero_entropy():
     choice = {"most_chosen_layer": 14, "layer_frequency": {"14": 1.0}, "choice_entropy": -0.0}
     assert sft_report.describe_choice(choice) == "layer 14 (100% of rows), entropy 0.00 nats"
@@ -514,7 +524,7 @@ def test_a_single_chosen_layer_reads_as_zero_entropy():
 @pytest.mark.slow
 @needs_data
 def test_the_experiment_runs_end_to_end_and_resumes(smollm2_id, tmp_path, capsys):
-    argv = ["all", "--output-dir", str(tmp_path), "--systems", "cc-gated", "--seeds", "0", "--bilingual-seeds", ""]
+    argv = ["all", "--output-dir", str(tmp_path), "--systems", "cc-paper", "--seeds", "0", "--bilingual-seeds", ""]
     argv += ["--steps", "2", "--batch-size", "2", "--max-length", "160", "--transform-pairs", "4"]
     argv += ["--logging-steps", "1", "--train-benchmarks", "MKQA,XNLI", "--languages-per-benchmark", "1"]
     argv += ["--loglik-items", "MKQA=2,XNLI=2", "--generation-items", "MKQA=1", "--secondary-loglik-items", ""]
@@ -522,8 +532,8 @@ def test_the_experiment_runs_end_to_end_and_resumes(smollm2_id, tmp_path, capsys
 
     folder = tmp_path / "smollm2"
     names = sorted(path.stem for path in (folder / "evaluation").glob("*.json"))
-    assert names == ["cc-gated-seed0-monolingual", "cc-gated-seed0-off", "report"]
-    record = json.loads((folder / "evaluation" / "cc-gated-seed0-monolingual.json").read_text())
+    assert names == ["cc-paper-seed0-monolingual", "cc-paper-seed0-off", "report"]
+    record = json.loads((folder / "evaluation" / "cc-paper-seed0-monolingual.json").read_text())
     assert record["settings"]["connection"] == "monolingual"
     assert {benchmark: sorted(languages) for benchmark, languages in record["items"].items()} == {
         "MKQA": ["en", "zh"],
@@ -534,11 +544,11 @@ def test_the_experiment_runs_end_to_end_and_resumes(smollm2_id, tmp_path, capsys
     assert list(mkqa["1"]) == ["answer_nll"] and mkqa["1"]["answer_nll"] > 0  # not generated: its NLL only
     assert record["items"]["XNLI"]["zh"]["0"]["acc"] in (0.0, 1.0)
     assert isinstance(record["outputs"]["MKQA"]["zh"]["0"], str) and "1" not in record["outputs"]["MKQA"]["zh"]
-    training = json.loads((folder / "adapters" / "cc-gated-seed0" / sft_train.RECORD).read_text())
+    training = json.loads((folder / "adapters" / "cc-paper-seed0" / sft_train.RECORD).read_text())
     assert [entry["step"] for entry in training["log_history"] if "loss" in entry] == [1, 2]
     assert training["mixture"] == {"MKQA": training["mixture"]["MKQA"], "XNLI": training["mixture"]["XNLI"]}
     report = (folder / "evaluation" / "report.md").read_text()
-    assert "| cc-gated | cc-gated (off) | 1 |" in report
+    assert "| cc-paper | cc-paper (off) | 1 |" in report
 
     finished = {path: path.stat().st_mtime_ns for path in folder.rglob("*.json") if not path.name.startswith("report")}
     capsys.readouterr()
@@ -552,8 +562,6 @@ def test_the_experiment_runs_end_to_end_and_resumes(smollm2_id, tmp_path, capsys
 
 
 def test_sizing_extrapolates_the_pooled_sd_from_the_correlation_between_languages():
-    import sft_plan
-
     baseline = {(language, index): 0.0 for language in ("de", "zh", "en") for index in range(4)}
     uncorrelated = {("de", i): d for i, d in enumerate([1, -1, 1, -1])} | {
         ("zh", i): d for i, d in enumerate([1, -1, -1, 1])
@@ -572,9 +580,18 @@ def test_sizing_extrapolates_the_pooled_sd_from_the_correlation_between_language
     assert sft_plan.items_needed(30.0, "acc") == 225  # (2 × 30 / 4)²
 
 
-def test_the_plan_multiplies_the_rates_by_the_token_counts_and_sizes(tmp_path, smollm2_tokenizer):
-    import sft_plan
+def test_the_earlier_run_is_sized_from_the_records_in_the_experiment_folder():
+    rows = {(row["comparison"], row["benchmark"]): row for row in sft_plan.earlier_sizing()}
+    mkqa = rows["lora − base", "MKQA"]  # the README's sizing table
+    assert (mkqa["measured_languages"], mkqa["items"], mkqa["items_needed"]) == (2, 16, 688)
+    assert mkqa["sd_one_language"] == pytest.approx(0.964, abs=5e-4) and mkqa["sd"] == pytest.approx(0.655, abs=5e-4)
+    xnli = rows["cc-paper − lora", "XNLI"]
+    assert not xnli["measured"] and xnli["items_needed"] == 235
+    assert sft_plan.EARLIER_RUN == experiment.PILOT_RATES.parent == experiment.EXPERIMENT_DIR / "results"
+    assert {"smollm2", "gemma3"} <= set(json.loads(experiment.PILOT_RATES.read_text()))
 
+
+def test_the_plan_multiplies_the_rates_by_the_token_counts_and_sizes(tmp_path, smollm2_tokenizer):
     root = tiny_root(tmp_path)
     args = experiment.parse_args(
         ["plan", "--data-root", root, "--systems", "base,lora", "--seeds", "0", "--languages-per-benchmark", "1"]
@@ -604,12 +621,12 @@ def test_the_plan_multiplies_the_rates_by_the_token_counts_and_sizes(tmp_path, s
     assert seconds == pytest.approx(expected)
     mono = sft_plan.evaluation_seconds(settings, args.sizes, "monolingual", rates, count)
     assert mono - 10 == pytest.approx(2 * (expected - 10) - 2 * 2 * 40 * 0.1)  # forwards doubled, decoding not
-    table = sft_plan.plan(args, rates)
+    table = experiment.plan(args, rates)
     given = ["--data-root", root, "--steps", "10", "--languages-per-benchmark", "1", "--loglik-items", "MKQA=5,XNLI=4"]
     flags = shlex.join([*given, "--generation-items", "MKQA=2"])  # those of `args` but its schedule's
-    script = "python benchmarks/multilingual_sft.py"
+    script = "python benchmarks/multilingual_sft/multilingual_sft.py"
     assert f"| `{script} evaluate --model smollm2 --system base {flags}` | {expected:.0f} |" in table
     assert f"| `{script} train --model smollm2 --system lora --seed 0 {flags}` | 50 |" in table
     assert f"| total | {2 * expected + 50:.0f} " in table
     with pytest.raises(ValueError, match="no training rate for lora"):
-        sft_plan.plan(args, rates | {"step": {}})
+        experiment.plan(args, rates | {"step": {}})

@@ -1,7 +1,7 @@
-"""benchmarks/overhead.py: its JSON keys (stable: checks outside the suite read them) and the allocator setting.
+"""benchmarks/overhead/overhead.py: its JSON keys (stable: checks outside the suite read them), the allocator setting.
 
 Runs the script on a tiny random Llama with one repetition; what the ratios are on the real model is measured in
-docs/benchmarks.md, never asserted here.
+benchmarks/overhead/README.md, never asserted here.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def run_overhead(checkpoint: Path, *extra: str) -> dict:
-    command = [sys.executable, "benchmarks/overhead.py", "--model", str(checkpoint), "--repeats", "1"]
+    command = [sys.executable, "benchmarks/overhead/overhead.py", "--model", str(checkpoint), "--repeats", "1"]
     command += ["--fit-pairs", "2", "--threads", "1", *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr

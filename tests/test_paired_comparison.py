@@ -1,5 +1,5 @@
-"""benchmarks/paired_comparison.py: per-item differences between systems, seeds averaged, standard errors with an item
-index (in all its languages) as one unit, and the 2-standard-error mark."""
+"""benchmarks/multilingual_sft/paired_comparison.py: per-item differences between systems, seeds averaged, standard
+errors with an item index (in all its languages) as one unit, and the 2-standard-error mark."""
 
 from __future__ import annotations
 

@@ -85,3 +85,36 @@ print(json.dumps({
 """
     result = json.loads(run_python(code).strip().splitlines()[-1])
     assert result == {"members": 1, "lookup": True, "tuner": True, "config": True}
+
+
+def test_importing_the_package_changes_no_class_of_peft_trl_or_transformers():
+    """Every attribute of every class of PEFT, TRL and transformers loaded before `import peft_cc` (and its trainer,
+    commands and lm-eval model type) is the same object afterwards; only PeftType gains its `CC` member."""
+    code = """
+import inspect, json, sys
+import lm_eval.api.registry, peft, peft.mapping, transformers, trl, trl.trainer.sft_trainer
+from transformers import Trainer
+
+def snapshot():
+    classes = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("peft", "trl", "transformers")):
+            continue
+        for value in list(vars(module).values()):
+            if inspect.isclass(value) and value.__module__ == name:
+                classes[f"{name}.{value.__qualname__}"] = {key: id(item) for key, item in vars(value).items()}
+    return classes
+
+before = snapshot()
+import peft_cc, peft_cc.sft_trainer, peft_cc.lm_eval.model, peft_cc.scripts.sft, peft_cc.scripts.compare
+after = snapshot()
+changed = {}
+for name, attributes in before.items():
+    now = after[name]
+    differing = sorted(key for key in attributes.keys() | now.keys() if attributes.get(key) != now.get(key))
+    if differing:
+        changed[name] = differing
+print(json.dumps(changed))
+"""
+    changed = json.loads(run_python(code).strip().splitlines()[-1])
+    assert changed == {"peft.utils.peft_types.PeftType": ["CC"]}

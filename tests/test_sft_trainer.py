@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from unittest import mock
 
 import peft
 import pytest
@@ -27,15 +26,7 @@ from trl import SFTConfig
 import peft_cc
 from peft_cc import CCSFTConfig, CCSFTTrainer, DataCollatorForCCLanguageModeling
 from peft_cc.anchors import anchors_from_labels
-from peft_cc.callbacks import (
-    DecisionMakerInitializationCallback,
-    LayerChoiceCallback,
-    TrainingFactsCallback,
-    TrainingProgressCallback,
-    TransformMatrixCallback,
-)
 from peft_cc.sft_data import training_pairs
-from peft_cc.sft_trainer import decision_maker_parameters
 
 # Tiny models fitted on a few pairs are underdetermined on purpose (the fit's own tests check that warning).
 pytestmark = pytest.mark.filterwarnings("ignore:Fitting the .* Transform Matrix on only:UserWarning")
@@ -45,8 +36,7 @@ CC_FIELDS = (
     "transform_pairs",
     "transform_batch_size",
     "deterministic_gumbel_noise",
-    "decision_maker_learning_rate",
-    "decision_maker_init_examples",
+    "log_layer_frequencies",
 )
 BATCH_KEYS = {"input_ids", "attention_mask", "labels", "english_input_ids", "english_attention_mask"}
 
@@ -114,7 +104,7 @@ def first_label(labels) -> int:
 
 def test_config_has_the_cc_fields_with_help_and_paper_defaults(tmp_path):
     fields = {field.name: field for field in dataclasses.fields(CCSFTConfig)}
-    for name in (*CC_FIELDS, "log_layer_frequencies"):
+    for name in CC_FIELDS:
         assert fields[name].metadata.get("help"), name
     args = CCSFTConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True)
     assert isinstance(args, SFTConfig)
@@ -128,9 +118,6 @@ def test_config_has_the_cc_fields_with_help_and_paper_defaults(tmp_path):
         ({"transform_pairs": -1}, "transform_pairs"),
         ({"transform_batch_size": 0}, "transform_batch_size"),
         ({"english_prompt_field": ""}, "english_prompt_field"),
-        ({"decision_maker_learning_rate": 0.0}, "decision_maker_learning_rate"),
-        ({"decision_maker_learning_rate": True}, "decision_maker_learning_rate"),
-        ({"decision_maker_init_examples": 1}, "decision_maker_init_examples"),
         ({"packing": True}, "packing"),
         ({"padding_free": True}, "padding_free"),
     ],
@@ -376,9 +363,9 @@ def recorded_forward_outputs(trainer, run) -> list:
     return outputs
 
 
-def test_loss_is_trls_fused_loss_plus_the_decision_makers(tmp_path, tokenizer):
+def test_loss_is_trls_fused_loss_of_the_connected_forward(tmp_path, tokenizer):
     """`loss_type="nll"` (TRL's default): the model's own causal-LM loss on the same batch, computed by TRL's fused LM
-    head, whose output has no `[B, T, V]` logits, plus the Decision Maker's term (value 0)."""
+    head, whose output has no `[B, T, V]` logits."""
     trainer = make_trainer(tmp_path, tokenizer, per_device_train_batch_size=4, deterministic_gumbel_noise=False)
     batch = first_batch(trainer)
     model = trainer.model
@@ -394,11 +381,11 @@ def test_loss_is_trls_fused_loss_plus_the_decision_makers(tmp_path, tokenizer):
     torch.manual_seed(7)
     losses = []
     outputs = recorded_forward_outputs(trainer, lambda: losses.append(trainer.compute_loss(model, dict(batch))))
-    assert outputs[0].get("logits") is None and outputs[0]["decision_maker_loss"].requires_grad
+    assert outputs[0].get("logits") is None and outputs[0]["connected_rows"].all()
     torch.manual_seed(7)
     expected = model(**batch)
     assert torch.equal(outputs[0]["layer_choice"], expected.layer_choice)
-    assert torch.allclose(losses[0], expected.loss + expected.decision_maker_loss, atol=1e-6)
+    assert torch.allclose(losses[0], expected.loss, atol=1e-6)
     # With the token count of an accumulated batch, the loss is the sum over tokens divided by that count.
     num_tokens = int((batch["labels"][:, 1:] != -100).sum())
     torch.manual_seed(7)
@@ -487,7 +474,6 @@ def test_training_logs_the_layer_choice(trained):
         assert {"entropy", "mean_token_accuracy", "num_tokens"} <= set(entry)
     # Every row is seen once; the one whose English prompt was too long is the only unconnected one.
     assert sum(entry["cc/unconnected_rows"] for entry in logs) == 1
-    assert not any("gate" in key for entry in logs for key in entry)  # no injection gate in this adapter
 
 
 def test_a_single_candidate_layer_logs_a_choice_entropy_of_plus_zero(tmp_path, tokenizer):
@@ -532,32 +518,6 @@ def test_transform_pairs_zero_turns_the_fit_off(tmp_path, tokenizer):
     trainer.train()
     assert not torch.any(trainer.cc_model.transform_matrix())
     assert trainer.transform_matrix_stats is None
-
-
-def test_training_progress_is_reported_before_every_step(tmp_path, tokenizer):
-    trainer = make_trainer(tmp_path, tokenizer, max_steps=4, gradient_accumulation_steps=2, transform_pairs=0)
-    progress, compute_loss = [], trainer.compute_loss
-
-    def recording(*args, **kwargs):
-        progress.append(trainer.cc_model.training_progress)
-        return compute_loss(*args, **kwargs)
-
-    trainer.compute_loss = recording
-    trainer.train()
-    assert progress == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]  # global_step / max_steps, per micro-batch
-
-
-def test_the_trainer_adds_its_callbacks_once(tmp_path, tokenizer):
-    trainer = make_trainer(tmp_path, tokenizer)
-    kinds = [type(callback) for callback in trainer.callback_handler.callbacks]
-    for kind in (
-        TrainingProgressCallback,
-        DecisionMakerInitializationCallback,
-        LayerChoiceCallback,
-        TrainingFactsCallback,
-        TransformMatrixCallback,
-    ):
-        assert kinds.count(kind) == 1, kind
 
 
 def test_evaluation_with_compute_metrics_gets_the_logits(tmp_path, tokenizer):
@@ -665,119 +625,6 @@ def test_qlora_on_a_4bit_model_keeps_the_decision_maker_in_float32(tmp_path, tok
     assert trainer.cc_model.decision_maker().weight.dtype == torch.float32
     assert all(math.isfinite(entry["loss"]) for entry in train_logs(trainer))
     assert torch.any(trainer.cc_model.transform_matrix() != 0)
-
-
-GATED = dict(decision_maker="variance_reinforce_gated")
-
-
-def test_decision_maker_learning_rate_is_its_own_scheduled_parameter_group(tmp_path, tokenizer):
-    """The group holds the parameters of the Decision Maker module, its gate included, and nothing else."""
-    trainer = make_trainer(
-        tmp_path,
-        tokenizer,
-        peft_config=cc_config(**GATED),
-        max_steps=2,
-        decision_maker_learning_rate=0.05,
-        weight_decay=0.1,
-        transform_pairs=0,
-    )
-    trainer.train()
-    decision_maker = list(trainer.cc_model.cc_decision_maker["default"].parameters())
-    assert len(decision_maker) == 2  # weight [S, d] and gate [S]
-    assert decision_maker_parameters(trainer.model) == decision_maker == decision_maker_parameters(trainer.cc_model)
-    groups = [
-        group for group in trainer.optimizer.param_groups if any(p is decision_maker[0] for p in group["params"])
-    ]
-    assert len(groups) == 1 and groups[0]["params"] == decision_maker
-    assert groups[0]["initial_lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
-    others = [group for group in trainer.optimizer.param_groups if group is not groups[0] and group["params"]]
-    assert others and all(group["initial_lr"] == trainer.args.learning_rate for group in others)
-    lora = sum(len(group["params"]) for group in others)
-    assert lora == sum(1 for name, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in name)
-
-
-def test_training_logs_the_injection_gates(tmp_path, tokenizer):
-    trainer = make_trainer(
-        tmp_path, tokenizer, peft_config=cc_config(**GATED), max_steps=2, logging_steps=1, transform_pairs=0
-    )
-    trainer.train()
-    logs = train_logs(trainer)
-    assert len(logs) == 2
-    sources = trainer.cc_model.source_layers()
-    for entry in logs:
-        gates = {layer: entry[f"cc/injection_gate/{layer}"] for layer in sources}
-        assert entry["cc/most_chosen_gate"] == gates[entry["cc/most_chosen_layer"]]
-    # Each log holds the gates after its step: the last ones are the adapter's, and they moved from gate_init.
-    final = trainer.cc_model.decision_maker().gate.tolist()
-    assert [logs[-1][f"cc/injection_gate/{layer}"] for layer in sources] == final
-    assert any(value != pytest.approx(0.3) for value in final)
-
-
-def test_the_reinforce_gradient_reaches_the_decision_maker_through_the_trainer(tmp_path, tokenizer):
-    """The gated strategy's Decision Maker learns only from `decision_maker_loss`, which the trainer adds."""
-    trainer = make_trainer(tmp_path, tokenizer, peft_config=cc_config(**GATED), per_device_train_batch_size=4)
-    state = torch.get_rng_state()
-    trainer.initialize_decision_maker()
-    assert torch.equal(torch.get_rng_state(), state), "the global generator is left as it was"
-    batch = first_batch(trainer)
-    model, weight = trainer.model.train(), trainer.cc_model.decision_maker().weight
-    trainer.cc_model.set_training_progress(0.5)  # past start_fraction (0.25): the Decision Maker learns
-
-    def weight_gradient(loss: torch.Tensor) -> torch.Tensor:
-        model.zero_grad()
-        loss.backward()
-        return torch.zeros_like(weight) if weight.grad is None else weight.grad.clone()
-
-    torch.manual_seed(3)
-    model_loss_only = weight_gradient(model(**batch).loss)
-    trainer.args.deterministic_gumbel_noise = False
-    torch.manual_seed(3)
-    with_decision_maker_loss = weight_gradient(trainer.compute_loss(model, dict(batch)))
-    assert torch.count_nonzero(model_loss_only) == 0
-    assert torch.count_nonzero(with_decision_maker_loss) > 0
-
-    # Scaled like TRL's loss: when `num_items_in_batch` counts the tokens of all processes, times their number (DDP
-    # averages the gradients over them).
-    def gradient_with(num_processes: int) -> torch.Tensor:
-        num_tokens = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
-        with mock.patch.object(type(trainer.accelerator), "num_processes", num_processes):
-            torch.manual_seed(3)
-            return weight_gradient(trainer.compute_loss(model, dict(batch), num_items_in_batch=num_tokens))
-
-    torch.testing.assert_close(gradient_with(1), with_decision_maker_loss)
-    torch.testing.assert_close(gradient_with(2), 2 * with_decision_maker_loss)
-
-    trainer.args.deterministic_gumbel_noise = True
-    initialised = weight.detach().clone()
-    trainer.args.max_steps, trainer.args.transform_pairs = 2, 0
-    trainer.train()  # its second step runs at progress 0.5, past start_fraction
-    assert not torch.equal(weight, initialised)
-
-
-def test_english_variance_init_runs_before_training_and_keeps_the_data_order(tmp_path, tokenizer):
-    def seen_batches(trainer) -> list[torch.Tensor]:
-        seen, compute_loss = [], trainer.compute_loss
-
-        def recording(model, inputs, *args, **kwargs):
-            seen.append(inputs["input_ids"].clone())
-            return compute_loss(model, inputs, *args, **kwargs)
-
-        trainer.compute_loss = recording
-        trainer.train()
-        return seen
-
-    options = dict(max_steps=3, transform_pairs=0, decision_maker_init_examples=4)
-    plain = make_trainer(tmp_path / "plain", tokenizer, **options)
-    initialised = make_trainer(tmp_path / "init", tokenizer, peft_config=cc_config(**GATED), **options)
-    assert initialised.cc_model.needs_decision_maker_initialization()
-    untrained = initialised.cc_model.decision_maker().weight.detach().clone()
-    seen_plain, seen_initialised = seen_batches(plain), seen_batches(initialised)
-    assert all(torch.equal(a, b) for a, b in zip(seen_plain, seen_initialised, strict=True))
-    prior = initialised.decision_maker_prior
-    assert prior.shape == (len(initialised.cc_model.source_layers()),)
-    assert prior.sum().item() == pytest.approx(1.0, rel=1e-5)
-    assert not initialised.cc_model.needs_decision_maker_initialization()
-    assert not torch.equal(initialised.cc_model.decision_maker().weight, untrained)
 
 
 def test_bf16_mixed_precision_trains_fits_and_infers(tmp_path, tokenizer):

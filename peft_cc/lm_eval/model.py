@@ -19,7 +19,7 @@ Where the connection applies, as in :meth:`peft_cc.CCModel.generate` and in trai
 request's context (for a chat template, the newline that ends its generation prompt, which lm-eval moves into a
 log-likelihood request's continuation; see :func:`context_end_in_continuation`). Log-likelihood requests run as
 rows (context and continuation) aligned on their anchors, through
-:func:`peft_cc.generation.continuation_logits_with_connection`: the contexts are prefilled once, recording what the
+:meth:`peft_cc.CCModel.continuation_logits`: the contexts are prefilled once, recording what the
 monolingual connection needs, and the anchors and continuations run on that cache with the connection, so a
 connected score costs about what an unconnected one does and equals the log-likelihood that `CCModel` computes for
 the continuation after that context (`CCModel.forward(..., anchor_positions=...)`). Generation runs
@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +40,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from ..generation import continuation_logits_with_connection
+from ..generation import CONNECTIONS, Connection
 from ..model import CCModel
-
-Connection = Literal["monolingual", "bilingual", "off"]
-CONNECTIONS: tuple[str, ...] = ("monolingual", "bilingual", "off")
 
 
 def resolve_connection(model: torch.nn.Module, connection: str | None) -> Connection | None:
@@ -271,8 +267,7 @@ class CCLM(HFLM):
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
         ):
-            logits = continuation_logits_with_connection(
-                self.model.base_model,
+            logits = self.model.base_model.continuation_logits(
                 input_ids,
                 attention_mask,
                 prompt_length=anchor_column + 1,

@@ -1,0 +1,1 @@
+"""The command-line programs of `peft-cc` (`peft-cc <command>`), one module each."""
