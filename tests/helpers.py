@@ -134,12 +134,12 @@ def expected_trainable_count(base, r, num_sources):
 
 
 def run_python(code, *args, timeout=300):
-    """Run `code` (with `args` as sys.argv[1:]) in a fresh offline Python process that can import peft_cc.
+    """Run `code` (with `args` as sys.argv[1:]) in a fresh offline Python process, which imports the installed
+    peft_cc (it runs in the tests' folder, so that the checkout's `peft_cc/` does not shadow the install).
 
     Returns its stdout; fails the test with the process's output if it exits with an error.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = subprocess.run(
@@ -148,7 +148,7 @@ def run_python(code, *args, timeout=300):
         text=True,
         timeout=timeout,
         env=env,
-        cwd=REPO_ROOT,
+        cwd=Path(__file__).parent,
     )
     assert result.returncode == 0, f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result.stdout

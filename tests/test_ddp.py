@@ -17,7 +17,6 @@ WORKER = TESTS / "ddp_worker.py"
 
 def _run(command: list[str], timeout: int = 300) -> str:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for name in [name for name in env if name.startswith(("ACCELERATE_", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))]:
         env.pop(name)

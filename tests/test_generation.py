@@ -245,3 +245,22 @@ def test_continuation_logits_refuse_rows_whose_prompt_does_not_end_at_the_anchor
         tuner.continuation_logits(input_ids, attention_mask.flip(1), 9)
     with pytest.raises(ValueError, match="earlier_positions"):
         tuner.continuation_logits(input_ids, attention_mask, 9, earlier_positions=9)
+
+
+def test_a_prompt_that_does_not_end_as_training_prompts_did_is_warned_about_once(caplog):
+    """The connection lands on the last prompt token: a raw prompt (no chat template) puts it where training never
+    did, which generation cannot see by itself but can tell from the generation prompt that training recorded."""
+    model = _prepared("llama")
+    cc_tuner(model).peft_config["default"].generation_prompt_ids = [7, 8]
+    input_ids, attention_mask = _left_padded_prompts([6, 4])
+    templated = input_ids.clone()
+    templated[:, -2:] = torch.tensor([7, 8])
+    with caplog.at_level("WARNING", logger="peft_cc.generation"):
+        model.generate(input_ids=templated, attention_mask=attention_mask, max_new_tokens=2, do_sample=False)
+        assert not caplog.records
+        for _ in range(2):
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=2, do_sample=False)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "does not end with the chat template's generation prompt (token ids [7, 8])" in warnings[0]
+    assert "apply_chat_template(messages, add_generation_prompt=True" in warnings[0]

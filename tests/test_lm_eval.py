@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -18,6 +19,7 @@ pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from peft_cc.lm_eval.__main__ import unknown_tasks_message  # noqa: E402
 from peft_cc.lm_eval.model import CCLM, context_end_in_continuation, english_context  # noqa: E402
 
 DOCS = [
@@ -286,3 +288,36 @@ def test_a_continuation_longer_than_the_model_is_refused(models):
     too_long = lm.tok_encode(" yes" * (lm.max_length + 1))
     with pytest.raises(ValueError, match="does not fit in the model's"):
         lm._loglikelihood_tokens([(("Hi", "..."), lm.tok_encode("Hi"), too_long)], disable_tqdm=True)
+
+
+def test_an_unknown_task_name_is_answered_with_the_closest_names_and_how_to_list_them(tmp_path):
+    tasks = Path(__file__).resolve().parents[1] / "benchmarks" / "tasks"
+    message = unknown_tasks_message(["peft_cc_xnli_de"], str(tasks))
+    assert "peft_cc_xnli_de: not a task or group lm-eval knows; close: " in message
+    assert "peft_cc_xnli_en" in message and f"ls tasks --include_path {tasks}" in message
+    arguments = ["--model", "hf", "--model_args", "pretrained=x", "--tasks", "xnli_deu,peft_cc_xnli_ru"]
+    finished = subprocess.run(
+        [sys.executable, "-m", "peft_cc.lm_eval", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert finished.returncode == 2, finished.stderr[-3000:]
+    assert "xnli_deu: not a task or group lm-eval knows; close: xnli_eu, xnli_de" in finished.stderr
+    assert "need `--include_path benchmarks/tasks`" in finished.stderr
+
+
+def test_the_printed_result_table_names_its_columns():
+    """lm-eval's result table, as `python -m peft_cc.lm_eval` prints it, with the pinned pytablewriter."""
+    from lm_eval.utils import make_table
+
+    results = {
+        "results": {"xnli_de": {"alias": "xnli_de", "acc,none": 0.5, "acc_stderr,none": 0.1}},
+        "versions": {"xnli_de": 1.0},
+        "n-shot": {"xnli_de": 0},
+        "higher_is_better": {"xnli_de": {"acc": True}},
+    }
+    header = [cell.strip() for cell in make_table(results).splitlines()[0].strip("|").split("|")]
+    assert header[:6] == ["Tasks", "Version", "Filter", "n-shot", "Metric", ""]
+    assert "Value" in header and "Stderr" in header

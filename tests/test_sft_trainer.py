@@ -542,6 +542,16 @@ def test_evaluation_with_compute_metrics_gets_the_logits(tmp_path, tokenizer):
     assert metrics["eval_rows"] == 4 and shapes[0][-1] == VOCAB_SIZE and math.isfinite(metrics["eval_loss"])
 
 
+def test_the_trainer_records_the_generation_prompt_that_ends_every_prompt(tmp_path, tokenizer):
+    """Conversational data: the chat template's generation prompt, where the anchor is; plain text: none."""
+    chat = make_trainer(tmp_path / "chat", tokenizer)
+    assert chat.cc_model.peft_config["default"].generation_prompt_ids == tokenizer.convert_tokens_to_ids(
+        ["<|assistant|>"]
+    )
+    plain = make_trainer(tmp_path / "plain", tokenizer, dataset=Dataset.from_list(plain_rows()))
+    assert plain.cc_model.peft_config["default"].generation_prompt_ids is None
+
+
 def test_an_iterable_dataset_trains(tmp_path, tokenizer):
     dataset = Dataset.from_list(conversational_rows()).to_iterable_dataset()
     trainer = make_trainer(tmp_path, tokenizer, dataset=dataset, max_steps=2, transform_pairs=6)
