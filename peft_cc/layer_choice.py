@@ -69,8 +69,8 @@ class LayerChoiceStatistics:
         """The choices since training began, summed over processes, for the model card; `None` without any row.
 
         Returns:
-            `most_chosen` (`{layer: frequency}` of the five most chosen layers), `choice_entropy` and `max_entropy`
-            (nats), `num_source_layers`, `connected_rows`, `unconnected_rows`.
+            `most_chosen` (`{layer: frequency}` of the (at most) five most chosen layers, none of them never chosen),
+            `choice_entropy` and `max_entropy` (nats), `num_source_layers`, `connected_rows`, `unconnected_rows`.
         """
         counts = reduce(self._run)
         unconnected, connected = int(counts[-3]), int(counts[-2])
@@ -78,9 +78,9 @@ class LayerChoiceStatistics:
             return None
         summary = self._summary(counts, per_layer=True)
         prefix = f"{LOG_PREFIX}layer_frequency/"
-        frequency = {int(key[len(prefix) :]): value for key, value in summary.items() if key.startswith(prefix)}
+        chosen = {int(key[len(prefix) :]): share for key, share in summary.items() if key.startswith(prefix) and share}
         return {
-            "most_chosen": dict(sorted(frequency.items(), key=lambda item: -item[1])[:5]),
+            "most_chosen": dict(sorted(chosen.items(), key=lambda item: -item[1])[:5]),
             "choice_entropy": summary.get(f"{LOG_PREFIX}choice_entropy", 0.0),
             "max_entropy": math.log(len(self.source_layers)),
             "num_source_layers": len(self.source_layers),

@@ -89,6 +89,7 @@ def test_the_trainer_card_reports_the_run(trained):
     layer_choice = trained.layer_choice_summary
     assert layer_choice["connected_rows"] + layer_choice["unconnected_rows"] == 8  # 2 steps of 4 rows
     assert f"Over {layer_choice['connected_rows']} connected training rows" in card
+    assert layer_choice["most_chosen"] and all(share > 0 for share in layer_choice["most_chosen"].values())
     stats = trained.transform_matrix_stats
     assert f"Fitted by least squares on {stats['num_pairs']} " in card
     assert f"R² {stats['r2_train']:.4f} on the fitted pairs" in card
