@@ -18,6 +18,7 @@ from fixtures.offline_hub import (
     BACTRIAN_X_COLUMNS,
     BACTRIAN_X_EMPTY_OUTPUTS,
     FIXTURE_LANGUAGES,
+    RECIPE_TASKS_DIR,
     bactrian_x_ids,
     bactrian_x_parquet_export_files,
     bactrian_x_rows,
@@ -124,6 +125,7 @@ def test_task_yamls_keep_the_installed_configuration_and_change_only_the_data(of
         assert pattern.format("ru") in offline.tasks[family]
     assert len(offline.tasks["global_mmlu_full"]) == 57 * len(FIXTURE_LANGUAGES)
     assert "xstorycloze_de" not in offline.tasks["xstorycloze"]  # XStoryCloze has no German
+    assert "xquad_gold_nll_ru" in offline.tasks["xquad"]  # the recipe's gold-answer tasks over the same copy
     cases = {
         "xnli/xnli_de": installed_tasks / "xnli" / "xnli_de.yaml",
         "xstorycloze/xstorycloze_ru": installed_tasks / "xstorycloze" / "default_ru.yaml",
@@ -138,15 +140,15 @@ def test_task_yamls_keep_the_installed_configuration_and_change_only_the_data(of
         assert ours.pop("dataset_path") == str(offline.dataset_dirs[family])
         assert theirs.pop("dataset_path") != str(offline.dataset_dirs[family])
         if family == "xquad":  # the scoring function only: the installed one needs transformers 4
-            assert ours.pop("process_results").endswith("xquad/xquad_metrics.process_results_qa")
+            assert ours.pop("process_results").endswith("ab_8b_qlora/tasks/xquad_metrics.process_results_qa")
             assert theirs.pop("process_results").endswith("xquad/utils.process_results_qa")
         assert ours == theirs
     group = load_yaml(offline.task_dir / "xnli" / "_xnli.yaml", resolve_func=False)
     assert group["group"] == "xnli" and group["task"] == offline.tasks["xnli"]
 
 
-def test_xquad_metrics_are_squad_exact_match_and_f1(offline):
-    sys.path.insert(0, str(offline.task_dir / "xquad"))
+def test_xquad_metrics_are_squad_exact_match_and_f1():
+    sys.path.insert(0, str(RECIPE_TASKS_DIR))
     try:
         import xquad_metrics
     finally:
