@@ -15,8 +15,8 @@ memory for a few seconds (below), so the full run is for a 40 GB-class card or l
 What runs: random weights of the Llama-3.1-8B shape (hidden 4096, 32 layers, FFN 14336, 32 heads, 8 KV heads,
 vocabulary 128256) in 4-bit NF4 with double quantization and bf16 compute; LoRA r=16, alpha 32, dropout 0.05 on all
 linear layers (not the LM head); non-reentrant gradient checkpointing; bf16 autocast; 8-bit AdamW (lr 2e-4, no weight
-decay): the settings of the examples/ab_8b_qlora/ recipe, which trains through `CCSFTTrainer`. As that trainer does (TRL, for
-a quantized model), the LoRA weights are cast to bf16 and the Decision Maker stays float32. Three arms:
+decay): the settings of the examples/ab_8b_qlora/ recipe, which trains through `CCSFTTrainer`. As that trainer does
+(TRL, for a quantized model), the LoRA weights are cast to bf16 and the Decision Maker stays float32. Three arms:
 
     plain_qlora                     peft.LoraConfig; the forward call without the English inputs
     cc_tuning                       peft_cc.CCConfig with the paper's defaults (English pass with gradients)
