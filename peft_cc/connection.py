@@ -105,7 +105,7 @@ class CrossLingualConnection:
             raise RuntimeError("CrossLingualConnection.capturing() is already active.")
         positions = list(zip(rows.tolist(), anchors.tolist()))
         self._capture = _Capture(positions=positions, layers=frozenset(layers))
-        checkpointing = _non_reentrant_checkpointing(self.decoder.layers) if with_autograd else nullcontext()
+        checkpointing = non_reentrant_checkpointing(self.decoder.layers) if with_autograd else nullcontext()
         try:
             with checkpointing:
                 yield self._capture.activations
@@ -172,7 +172,7 @@ class CrossLingualConnection:
 
 
 @contextmanager
-def _non_reentrant_checkpointing(layers: Sequence[nn.Module]) -> Iterator[None]:
+def non_reentrant_checkpointing(layers: Sequence[nn.Module]) -> Iterator[None]:
     """Switch the layers' gradient checkpointing to the non-reentrant kind for the duration of the context."""
     saved = {}
     for layer in layers:

@@ -8,6 +8,7 @@ activation to the output of decoder layer `injection_layer`, at the anchor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -25,7 +26,7 @@ from .anchors import anchors_from_labels, last_token_anchors, position_ids_from_
 from .architecture import DecoderMap, map_decoder
 from .checkpoint import DECISION_MAKER_KEY, check_checkpoint_fits, is_weight_of
 from .config import CCConfig
-from .connection import CrossLingualConnection
+from .connection import CrossLingualConnection, non_reentrant_checkpointing
 from .decision_maker import ConnectionChoice, DecisionMaker
 from .generation import ConnectedDecodingMixin
 
@@ -226,10 +227,18 @@ class CCModel(ConnectedDecodingMixin, LoraModel):
         )
         choice = self.connection_choice(activations, adapter_name)
         config: CCConfig = self.peft_config[adapter_name]
+        # The layers run a second time with gradients when the English pass had them: reentrant checkpointing would
+        # backpropagate this run on its own, so each parameter's gradient hook would fire twice in one backward, which
+        # DeepSpeed ZeRO-3 refuses (and TRL forces reentrant checkpointing on PEFT models under ZeRO-3). Like the
+        # English pass (`capturing`), this pass switches the layers to the non-reentrant kind.
+        english_graph = english_input_ids is not None and config.english_gradients and torch.is_grad_enabled()
+        layers = self.decoder(adapter_name).layers
+        checkpointing = non_reentrant_checkpointing(layers) if english_graph else contextlib.nullcontext()
         # Even without a connectable row, the (empty) injection runs the Decision Maker, which keeps it in the
         # autograd graph with a zero gradient, as distributed data parallel expects of every trainable parameter.
         with self.connection(adapter_name).injecting(config.injection_layer, rows, anchors[rows], choice.vectors_for):
-            outputs = self.model(**kwargs)
+            with checkpointing:
+                outputs = self.model(**kwargs)
         if not isinstance(outputs, ModelOutput):
             return outputs
         return _with_connection_facts(outputs, choice, rows, input_ids.shape[0])
@@ -336,9 +345,16 @@ class CCModel(ConnectedDecodingMixin, LoraModel):
         Returns:
             `[B', len(layers), d]` activations in the model's dtype.
         """
-        if not len(rows) or not layers:
-            embedding = self.model.get_input_embeddings().weight
-            return embedding.new_zeros(len(rows), len(layers), embedding.shape[1])
+        if not layers:
+            dtype = self.model.get_input_embeddings().weight.dtype
+            return torch.zeros(len(rows), 0, self.decoder().hidden_size, dtype=dtype, device=input_ids.device)
+        placeholder = not len(rows)
+        if placeholder:
+            # No row to run: the decoder runs on one token all the same, and its activations are dropped (a slice of
+            # no row, which backward still visits). Under FSDP2 and DeepSpeed ZeRO-3 every process must call the same
+            # modules in the same order, since each call gathers the module's parameters with a collective.
+            input_ids, attention_mask = input_ids[:1, :1], torch.ones_like(input_ids[:1, :1])
+            rows = anchors = torch.zeros(1, dtype=torch.long, device=input_ids.device)
         batch_rows = torch.arange(len(rows), device=rows.device)
         mask = attention_mask[rows]
         with torch.set_grad_enabled(with_autograd and torch.is_grad_enabled()):
@@ -349,7 +365,11 @@ class CCModel(ConnectedDecodingMixin, LoraModel):
                     position_ids=position_ids_from_attention_mask(mask),
                     use_cache=False,
                 )
-        return torch.stack([captured[layer] for layer in layers], dim=1)
+        if with_autograd and torch.is_grad_enabled():
+            top = max(layers)
+            _gather_before_backward(self.decoder().layers[top], captured[top])
+        activations = torch.stack([captured[layer] for layer in layers], dim=1)
+        return activations[:0] if placeholder else activations
 
     # ------------------------------------------------------------------------------------------------ Transform Matrix
 
@@ -405,6 +425,24 @@ class CCModel(ConnectedDecodingMixin, LoraModel):
                 "connection, or generate without the connection with `connection='off'`."
             )
         return self.transform_matrix(adapter_name)
+
+
+def _gather_before_backward(layer: nn.Module, activation: torch.Tensor) -> None:
+    """Under FSDP2, all-gather the parameters of `layer` again when the gradient of `activation`, an FFN activation
+    captured inside it, arrives.
+
+    FSDP2 (`fully_shard` on each decoder layer) re-gathers a layer's sharded parameters in backward when the gradient
+    of the layer's output arrives. In the English pass, the gradient enters the top captured layer through its FFN
+    output only (nothing reads that layer's output), so FSDP would run its backward on freed parameters. Layers below
+    it get the gradient of their output first, from the layer above. The gather is FSDP's public `unshard`; FSDP's own
+    post-backward hook reduces the gradients and reshards the layer afterwards, as after any backward of the layer.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    if isinstance(layer, FSDPModule) and activation.requires_grad:
+        activation.register_hook(lambda grad: layer.unshard())
 
 
 def _with_connection_facts(

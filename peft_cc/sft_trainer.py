@@ -340,8 +340,9 @@ class CCSFTTrainer(SFTTrainer):
         the main process is then broadcast. The statistics of the fit are logged (`cc/transform_...`) and kept in
         `self.transform_matrix_stats`.
 
-        With parameters sharded over processes (FSDP, DeepSpeed ZeRO-3) the decoder cannot run outside the wrapped
-        model: the fit is skipped with a warning; fit it afterwards from the saved adapter in one process.
+        Under FSDP2 and DeepSpeed ZeRO-3 the modules of the decoder gather their sharded parameters when they run, as
+        in training, so the fit works there too (every process runs it: the gathers are collectives). Under FSDP1
+        (not tested) it is skipped with a warning; fit it afterwards from the saved adapter in one process.
 
         Args:
             num_pairs: how many pairs (default: `args.transform_pairs`; at least 1).
@@ -352,22 +353,23 @@ class CCSFTTrainer(SFTTrainer):
         num_pairs = self.args.transform_pairs if num_pairs is None else num_pairs
         if num_pairs <= 0:
             raise ValueError(f"`num_pairs` must be >= 1, got {num_pairs}.")
-        if self._parameters_are_sharded():
+        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
             warnings.warn(
-                "The parameters are sharded over processes (FSDP or DeepSpeed ZeRO-3), so the Transform Matrix is not "
-                "fitted at the end of training. Save the adapter, then fit it in one process: load it with "
-                "`PeftModel.from_pretrained(base, path, is_trainable=False)`, call `peft_cc.fit_transform_matrix` on "
-                "training pairs and `save_pretrained` again (see docs/training.md).",
+                "The parameters are sharded over processes by FSDP1, so the Transform Matrix is not fitted at the end "
+                "of training (FSDP2, `fsdp_version: 2`, fits it). Save the adapter, then fit it in one process: load "
+                "it with `PeftModel.from_pretrained(base, path, is_trainable=False)`, call "
+                "`peft_cc.fit_transform_matrix` on training pairs and `save_pretrained` again (see docs/training.md).",
                 stacklevel=2,
             )
             return None
-        stats = fit_transform_matrix(
-            self.accelerator.unwrap_model(self.model),
-            list(training_pairs(self.train_dataset, num_pairs, seed=self.args.seed)),
-            batch_size=self.args.transform_batch_size or self.args.per_device_eval_batch_size,
-            seed=self.args.seed,
-            show_progress=self.is_local_process_zero() and not self.args.disable_tqdm,
-        )
+        with self._fsdp2_root_gathered():
+            stats = fit_transform_matrix(
+                self.accelerator.unwrap_model(self.model),
+                list(training_pairs(self.train_dataset, num_pairs, seed=self.args.seed)),
+                batch_size=self.args.transform_batch_size or self.args.per_device_eval_batch_size,
+                seed=self.args.seed,
+                show_progress=self.is_local_process_zero() and not self.args.disable_tqdm,
+            )
         if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
             dist.broadcast(self.cc_model.transform_matrix(), src=0)
         numbers = {key: value for key, value in stats.items() if type(value) in (int, float)}
@@ -375,11 +377,28 @@ class CCSFTTrainer(SFTTrainer):
         self.transform_matrix_stats = stats
         return stats
 
-    def _parameters_are_sharded(self) -> bool:
-        if self.is_fsdp_enabled:
-            return True
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+    @contextlib.contextmanager
+    def _fsdp2_root_gathered(self) -> Iterator[None]:
+        """Under FSDP2, gather the parameters that no inner `fully_shard` unit owns (e.g. the Decision Maker, or the
+        whole decoder without an auto-wrap policy) for the block, then reshard every unit.
+
+        The fit calls the decoder directly, not the wrapped model: each inner unit (embedding, decoder layer, final
+        norm and LM head) gathers its own parameters when it runs, but the root unit only gathers in its forward.
+        """
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch without FSDP2
+            FSDPModule = ()  # noqa: N806
+        if not self.is_fsdp_enabled or not isinstance(self.model, FSDPModule):
+            yield
+            return
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     # ------------------------------------------------------------------------------------------------ model card
 
