@@ -11,9 +11,10 @@
 #      run trained on;
 #   5. prints `peft-cc compare`'s tables (LoRA - base, CC - LoRA) and draws CC - LoRA.
 #
-# Every stage skips what an earlier run finished (delete its folder to redo it). Settings, from the environment:
+# Every stage skips what an earlier run finished (delete its folder to redo it). Settings, from the environment
+# (`bash examples/main_job.sh --settings` prints them and stops):
 #   OUTPUT (outputs/main_job), DATA_ROOT (../shared/data/benchmarks), STEPS (40), EVAL_ITEMS (100 per language),
-#   OMP_NUM_THREADS (1: one thread per process, which is the fastest on a machine whose cores are busy).
+#   OMP_NUM_THREADS (1: one torch thread; see README.md, "Set-up", for the times it gives on an idle and a busy machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -25,6 +26,11 @@ items="${EVAL_ITEMS:-100}"
 model=HuggingFaceTB/SmolLM2-135M-Instruct
 languages=(de ja pt ru zh)
 start=$SECONDS
+if [[ "${1:-}" == "--settings" ]]; then
+    printf '%s=%s\n' OUTPUT "$output" DATA_ROOT "$data_root" STEPS "$steps" EVAL_ITEMS "$items" \
+        OMP_NUM_THREADS "$OMP_NUM_THREADS" MODEL "$model" LANGUAGES "${languages[*]}"
+    exit 0
+fi
 
 stage() { printf '\n=== %s (%d s so far)\n' "$1" "$((SECONDS - start))"; }
 

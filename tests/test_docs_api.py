@@ -17,6 +17,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,11 @@ def own_fields(config_class: type, parent_class: type) -> list[dataclasses.Field
 def options_table(config_class: type, parent_class: type) -> str:
     """The Markdown table of `config_class`'s own fields: name, type, default and the help of its metadata."""
     lines = ["| field | type | default | what it does |", "| --- | --- | --- | --- |"]
+    # The resolved annotations (HfArgumentParser, once it has parsed a dataclass, leaves them in `field.type` too).
+    hints = typing.get_type_hints(config_class)
     for field in own_fields(config_class, parent_class):
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        hint = hints[field.name]
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         lines.append(
             f"| `{field.name}` | `{_cell(kind)}` | {_default(field)} | {_cell(field.metadata.get('help', ''))} |"
         )

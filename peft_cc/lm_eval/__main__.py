@@ -18,16 +18,14 @@ from . import model as _model  # noqa: F401  (registers the `cc` model type)
 NOT_FOUND = re.compile(r"^Tasks not found: (?P<names>.+)$")
 
 
-def unknown_tasks_message(missing: Sequence[str], include_path: str | None) -> str:
+def unknown_tasks_message(missing: Sequence[str], known: Sequence[str], include_path: str | None) -> str:
     """What to say about task names lm-eval does not know: the known names closest to each, and how to list them.
 
     Args:
         missing: the unknown task or group names.
-        include_path: the run's `--include_path`, whose tasks are known too.
+        known: every task, group and tag name lm-eval knows in this run (`TaskManager(include_path=...).all_tasks`).
+        include_path: the run's `--include_path`, if any.
     """
-    from lm_eval.tasks import TaskManager
-
-    known = TaskManager(include_path=include_path).all_tasks
     lines = []
     for name in missing:
         close = difflib.get_close_matches(name, known, n=6, cutoff=0.6)
@@ -58,8 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = NOT_FOUND.match(str(error))
         if found is None:
             raise
+        from lm_eval.tasks import TaskManager
+
         missing = [name.strip() for name in found.group("names").split(",")]
-        print(unknown_tasks_message(missing, _include_path(argv)), file=sys.stderr)
+        include_path = _include_path(argv)
+        known = TaskManager(include_path=include_path).all_tasks
+        print(unknown_tasks_message(missing, known, include_path), file=sys.stderr)
         return 2
     return 0
 
