@@ -14,11 +14,18 @@
 # Every stage skips what an earlier run finished (delete its folder to redo it). Settings, from the environment
 # (`bash examples/main_job.sh --settings` prints them and stops):
 #   OUTPUT (outputs/main_job), DATA_ROOT (../shared/data/benchmarks), STEPS (40), EVAL_ITEMS (100 per language),
-#   OMP_NUM_THREADS (1: one torch thread; see README.md, "Set-up", for the times it gives on an idle and a busy machine).
+#   OMP_NUM_THREADS (torch threads; by default the cores that the last minute's load leaves idle, at least 1: on an
+#   idle 2-core machine 2 threads train twice as fast as 1, and on a busy one threads that wait on each other for a
+#   core run several times slower than 1; README.md, "Set-up", has the times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+idle_cores() {  # the cores the last minute's load average leaves idle, at least 1 (PEFT_CC_LOAD: that load, for tests)
+    local load="${PEFT_CC_LOAD:-$(cut -d' ' -f1 /proc/loadavg)}" cores
+    cores=$(nproc)
+    awk -v cores="$cores" -v load="$load" 'BEGIN { idle = int(cores - load + 0.5); print (idle < 1 ? 1 : idle) }'
+}
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(idle_cores)}"
 output="${OUTPUT:-outputs/main_job}"
 data_root="${DATA_ROOT:-../shared/data/benchmarks}"
 steps="${STEPS:-40}"

@@ -1,4 +1,5 @@
-"""The README's two set-up commands run with the thread settings they state: one torch thread per process."""
+"""The README's two set-up commands run with the thread settings they state: the main job one torch thread per idle
+core, the suite two workers of one thread each."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ MAIN_JOB = REPO_ROOT / "examples" / "main_job.sh"
 
 def settings(**environment: str) -> dict[str, str]:
     """The settings `examples/main_job.sh` resolves from `environment` (its `--settings` output)."""
-    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "STEPS")}
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "STEPS", "PEFT_CC_LOAD")}
     printed = subprocess.run(
         ["bash", str(MAIN_JOB), "--settings"], capture_output=True, text=True, check=True, env={**env, **environment}
     ).stdout
     return dict(line.split("=", 1) for line in printed.splitlines())
 
 
-def test_the_main_job_runs_one_torch_thread_unless_told_otherwise():
-    assert settings()["OMP_NUM_THREADS"] == "1"
-    told = settings(OMP_NUM_THREADS="2", STEPS="3")
-    assert (told["OMP_NUM_THREADS"], told["STEPS"]) == ("2", "3")
+def test_the_main_job_runs_a_torch_thread_per_idle_core_unless_told_otherwise():
+    cores = len(os.sched_getaffinity(0))  # what `nproc` counts
+    assert settings(PEFT_CC_LOAD="0.0")["OMP_NUM_THREADS"] == str(cores)  # an idle machine: every core
+    assert settings(PEFT_CC_LOAD=str(cores))["OMP_NUM_THREADS"] == "1"  # every core busy: one thread, never none
+    assert settings(PEFT_CC_LOAD=str(cores + 3.2))["OMP_NUM_THREADS"] == "1"
+    told = settings(OMP_NUM_THREADS="3", STEPS="5", PEFT_CC_LOAD="0.0")
+    assert (told["OMP_NUM_THREADS"], told["STEPS"]) == ("3", "5")
 
 
 def test_the_main_job_trains_both_arms_from_the_shipped_config_and_compares_them():
