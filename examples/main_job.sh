@@ -41,6 +41,7 @@ fi
 
 stage() { printf '\n=== %s (%d s so far)\n' "$1" "$((SECONDS - start))"; }
 
+echo "main job: $steps steps per arm, $items items per language, $OMP_NUM_THREADS torch thread(s), into $output"
 stage "1/5 install (.venv)"
 bash .ci/install .venv
 source .venv/bin/activate
