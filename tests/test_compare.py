@@ -440,3 +440,17 @@ def test_runs_written_by_lm_eval_itself(tmp_path, capsys):
         (0.6, 0.9, 0.3, 0.2)
     )
     assert group["higher_is_better"] is True and group["subtasks"] == ["tiny_de", "tiny_fr"]
+
+
+def test_per_language_tasks_run_without_their_group_get_a_pooled_row(tmp_path):
+    """`--tasks xnli_de,xnli_ru` (no group): the benchmark's row `xnli_*` pools them as its group's row would."""
+    write_run(tmp_path / "lora", SCORES_A, model="org/lora")
+    write_run(tmp_path / "cc", SCORES_B, model="org/cc")
+    ungrouped = rows_by_key((tmp_path / "lora", tmp_path / "cc"))
+    write_run(tmp_path / "lora-grouped", SCORES_A, GROUPS, model="org/lora")
+    write_run(tmp_path / "cc-grouped", SCORES_B, GROUPS, model="org/cc")
+    grouped = rows_by_key((tmp_path / "lora-grouped", tmp_path / "cc-grouped"))
+    pooled, group = ungrouped["peft_cc_xnli_*", "acc,none"], grouped["peft_cc_xnli", "acc,none"]
+    for key in ("mean_a", "mean_b", "difference", "standard_error", "items", "units", "kind", "subtasks"):
+        assert pooled[key] == group[key], key
+    assert ("peft_cc_mkqa_*", "answer_nll,none") not in ungrouped  # one language: no pooled row

@@ -15,8 +15,9 @@ Statistics (B − A, per item):
   paired standard error, the sample standard deviation of the differences / √n. Every item is scored by both
   systems, so the item-to-item spread of difficulty cancels: this is far smaller than either run's own standard
   error would suggest.
-- A group (`group_subtasks`: e.g. `xnli` over `xnli_de`, `xnli_fr`, ...): the mean difference over all paired items
-  of its subtasks (nested groups included), and a standard error that treats each `doc_id` as one unit: the
+- A group (`group_subtasks`: e.g. `xnli` over `xnli_de`, `xnli_fr`, ...), or a benchmark's per-language tasks run
+  without their group (`xnli_de`, `xnli_fr` given as tasks: a pooled row `xnli_*`): the mean difference over all paired
+  items of its subtasks (nested groups included), and a standard error that treats each `doc_id` as one unit: the
   differences of one `doc_id` in all the subtasks are averaged first, then the sample standard deviation of these
   unit means / √(number of doc_ids). Multilingual benchmarks are parallel (doc_id i is the same item translated),
   so the differences of one item in several languages are correlated and are not independent observations; an
@@ -500,11 +501,17 @@ def _compare_task(task: str, run_a: Run, run_b: Run, language: str | None, notes
 
 
 def _compare_group(
-    group: str, run_a: Run, run_b: Run, task_rows: Mapping[tuple[str, str], Row], notes: list[str]
+    group: str,
+    leaves: Sequence[str],
+    run_a: Run,
+    run_b: Run,
+    task_rows: Mapping[tuple[str, str], Row],
+    notes: list[str],
 ) -> list[Row]:
-    """The rows of `group`, one per metric that every one of its compared tasks has, pooling their items."""
+    """The rows of `group` (whose tasks are `leaves`), one per metric every one of its compared tasks has, pooling
+    their items."""
     compared = {task for task, _ in task_rows}
-    tasks = [task for task in leaf_tasks(group, run_a.group_subtasks) if task in compared]
+    tasks = [task for task in leaves if task in compared]
     if not tasks:
         return []
     metrics = [key for name, key in task_rows if name == tasks[0]]
@@ -553,10 +560,35 @@ def compare_runs(run_a: Run, run_b: Run) -> Comparison:
         if group in run_b.group_subtasks
     }
     groups = {group: children for group, children in groups.items() if children}
-    languages = task_languages(shared_tasks, {**run_b.group_subtasks, **run_a.group_subtasks})
+    group_subtasks = {**run_b.group_subtasks, **run_a.group_subtasks}
+    languages = task_languages(shared_tasks, group_subtasks)
     task_rows: dict[tuple[str, str], Row] = {}
     for task in shared_tasks:
         for row in _compare_task(task, run_a, run_b, languages.get(task), notes):
             task_rows[task, row.metric] = row
-    group_rows = [row for group in groups for row in _compare_group(group, run_a, run_b, task_rows, notes)]
+    leaves = {group: leaf_tasks(group, run_a.group_subtasks) for group in groups}
+    for family, tasks in language_families(languages, group_subtasks).items():
+        groups[family] = leaves[family] = tasks
+    group_rows = [
+        row for group in groups for row in _compare_group(group, leaves[group], run_a, run_b, task_rows, notes)
+    ]
     return Comparison(run_a, run_b, [*task_rows.values(), *group_rows], groups, notes)
+
+
+def language_families(
+    languages: Mapping[str, str], group_subtasks: Mapping[str, Sequence[str]]
+) -> dict[str, list[str]]:
+    """The per-language tasks that were run without their group, by benchmark: `{"xnli_*": ["xnli_de", "xnli_ru"]}`.
+
+    Each family of two or more such tasks gets a pooled row, like a group's (the same items in several languages).
+
+    Args:
+        languages: `{task: language code}` of the per-language tasks (:func:`task_languages`).
+        group_subtasks: every group's children, in either run.
+    """
+    grouped = {child for children in group_subtasks.values() for child in children}
+    families: dict[str, list[str]] = {}
+    for task, language in languages.items():
+        if task not in grouped:
+            families.setdefault(f"{task[: -len(language)]}*", []).append(task)
+    return {family: sorted(tasks) for family, tasks in families.items() if len(tasks) >= 2}
