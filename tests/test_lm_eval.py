@@ -18,6 +18,7 @@ pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from peft_cc.lm_eval import __main__ as lm_eval_main  # noqa: E402
 from peft_cc.lm_eval.__main__ import unknown_tasks_message  # noqa: E402
 from peft_cc.lm_eval.model import CCLM, context_end_in_continuation, english_context  # noqa: E402
 
@@ -299,17 +300,25 @@ def test_an_unknown_task_name_is_answered_with_the_closest_names_and_how_to_list
     assert "need `--include_path" not in unknown_tasks_message(["xnli_deu"], known, None)
 
 
-def test_the_command_line_ends_on_an_unknown_task_with_that_message(tmp_path):
-    arguments = ["--model", "hf", "--model_args", "pretrained=x", "--tasks", "xnli_deu"]
-    finished = subprocess.run(
-        [sys.executable, "-m", "peft_cc.lm_eval", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert finished.returncode == 2, finished.stderr[-3000:]
-    assert "xnli_deu: not a task or group lm-eval knows; close: xnli_eu, xnli_de" in finished.stderr
+def test_the_command_line_ends_on_an_unknown_task_with_that_message(monkeypatch, capsys):
+    """lm-eval's own refusal of an unknown task (the message `main` recognises), then `main`'s answer to it."""
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    with pytest.raises(ValueError) as refusal:
+        EvaluatorConfig(tasks=["xnli_deu"]).process_tasks()
+    assert lm_eval_main.NOT_FOUND.match(str(refusal.value))
+
+    def cli_evaluate():
+        raise refusal.value
+
+    class TaskManager:
+        def __init__(self, include_path=None):
+            self.all_tasks = ["xnli_de", "xnli_eu", "xnli_ru"]
+
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", cli_evaluate)
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", TaskManager)
+    assert lm_eval_main.main(["--model", "hf", "--tasks", "xnli_deu"]) == 2
+    assert "xnli_deu: not a task or group lm-eval knows; close: xnli_eu, xnli_de" in capsys.readouterr().err
 
 
 def test_the_printed_result_table_names_its_columns():
