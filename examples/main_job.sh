@@ -15,16 +15,23 @@
 # (`bash examples/main_job.sh --settings` prints them and stops):
 #   OUTPUT (outputs/main_job), DATA_ROOT (../shared/data/benchmarks), STEPS (40), EVAL_ITEMS (100 per language),
 #   TASKS (the MKQA tasks of the five languages; any data-root tasks, e.g. add peft_cc_xstorycloze_ru),
-#   OMP_NUM_THREADS (torch threads; by default the cores that the last minute's load leaves idle, at least 1: on an
-#   idle 2-core machine 2 threads train twice as fast as 1, and on a busy one threads that wait on each other for a
-#   core run several times slower than 1; README.md, "Set-up", has the times).
+#   OMP_NUM_THREADS (torch threads; by default the cores idle when the job starts, at least 1: on an idle 2-core
+#   machine 2 threads train twice as fast as 1, and on a busy one threads that wait on each other for a core run
+#   several times slower than 1; README.md, "Set-up", has the times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-idle_cores() {  # the cores the last minute's load average leaves idle, at least 1 (PEFT_CC_LOAD: that load, for tests)
-    local load="${PEFT_CC_LOAD:-$(cut -d' ' -f1 /proc/loadavg)}" cores
+idle_cores() {  # the cores idle over the last second, at least 1 (PEFT_CC_BUSY_CORES: how many are busy, for tests)
+    local busy="${PEFT_CC_BUSY_CORES:-}" cores before after
     cores=$(nproc)
-    awk -v cores="$cores" -v load="$load" 'BEGIN { idle = int(cores - load + 0.5); print (idle < 1 ? 1 : idle) }'
+    if [[ -z "$busy" ]]; then
+        before=$(head -1 /proc/stat); sleep 1; after=$(head -1 /proc/stat)
+        busy=$(awk -v cores="$cores" -v before="$before" -v after="$after" 'BEGIN {
+            split(before, b); split(after, a); total = 0; idle = (a[5] + a[6]) - (b[5] + b[6])
+            for (i = 2; i <= 9; i++) total += a[i] - b[i]
+            print cores * (1 - idle / (total > 0 ? total : 1)) }')
+    fi
+    awk -v cores="$cores" -v busy="$busy" 'BEGIN { idle = int(cores - busy + 0.5); print (idle < 1 ? 1 : idle) }'
 }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(idle_cores)}"
 output="${OUTPUT:-outputs/main_job}"

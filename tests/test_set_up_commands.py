@@ -15,7 +15,7 @@ MAIN_JOB = REPO_ROOT / "examples" / "main_job.sh"
 
 def settings(**environment: str) -> dict[str, str]:
     """The settings `examples/main_job.sh` resolves from `environment` (its `--settings` output)."""
-    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "STEPS", "PEFT_CC_LOAD")}
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "STEPS", "PEFT_CC_BUSY_CORES")}
     printed = subprocess.run(
         ["bash", str(MAIN_JOB), "--settings"], capture_output=True, text=True, check=True, env={**env, **environment}
     ).stdout
@@ -24,10 +24,10 @@ def settings(**environment: str) -> dict[str, str]:
 
 def test_the_main_job_runs_a_torch_thread_per_idle_core_unless_told_otherwise():
     cores = len(os.sched_getaffinity(0))  # what `nproc` counts
-    assert settings(PEFT_CC_LOAD="0.0")["OMP_NUM_THREADS"] == str(cores)  # an idle machine: every core
-    assert settings(PEFT_CC_LOAD=str(cores))["OMP_NUM_THREADS"] == "1"  # every core busy: one thread, never none
-    assert settings(PEFT_CC_LOAD=str(cores + 3.2))["OMP_NUM_THREADS"] == "1"
-    told = settings(OMP_NUM_THREADS="3", STEPS="5", PEFT_CC_LOAD="0.0")
+    assert settings(PEFT_CC_BUSY_CORES="0.0")["OMP_NUM_THREADS"] == str(cores)  # an idle machine: every core
+    assert settings(PEFT_CC_BUSY_CORES=str(cores))["OMP_NUM_THREADS"] == "1"  # every core busy: one thread, never none
+    assert settings(PEFT_CC_BUSY_CORES=str(cores + 3.2))["OMP_NUM_THREADS"] == "1"
+    told = settings(OMP_NUM_THREADS="3", STEPS="5", PEFT_CC_BUSY_CORES="0.0")
     assert (told["OMP_NUM_THREADS"], told["STEPS"]) == ("3", "5")
 
 
