@@ -15,7 +15,11 @@ MAIN_JOB = REPO_ROOT / "examples" / "main_job.sh"
 
 def settings(**environment: str) -> dict[str, str]:
     """The settings `examples/main_job.sh` resolves from `environment` (its `--settings` output)."""
-    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "STEPS", "PEFT_CC_BUSY_CORES")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OMP_NUM_THREADS", "STEPS", "PEFT_CC_BUSY_CORES")
+    }
     printed = subprocess.run(
         ["bash", str(MAIN_JOB), "--settings"], capture_output=True, text=True, check=True, env={**env, **environment}
     ).stdout
