@@ -630,3 +630,10 @@ def test_the_plan_multiplies_the_rates_by_the_token_counts_and_sizes(tmp_path, s
     assert f"| total | {2 * expected + 50:.0f} " in table
     with pytest.raises(ValueError, match="no training rate for lora"):
         experiment.plan(args, rates | {"step": {}})
+
+
+def test_plan_refuses_a_pilot_folder_without_finished_runs():
+    """`plan --pilot-dir` given a folder of stored records (or a wrong path) says what to give, not an empty table."""
+    records = experiment.EXPERIMENT_DIR / "results" / "multilingual_sft_smollm2_run1"
+    with pytest.raises(SystemExit, match="holds no finished training .* give a pilot's model folder"):
+        experiment.main(["plan", "--pilot-dir", str(records)])

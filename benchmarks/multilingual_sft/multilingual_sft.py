@@ -457,13 +457,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "plan":
         import sft_plan
+        import sft_report
+        import sft_train
 
         languages = args.languages_per_benchmark
         if args.earlier_run:
             print(sft_plan.format_sizing(sft_plan.earlier_sizing(languages)))
         elif args.pilot_dir:
-            print(sft_plan.format_sizing(sft_plan.pilot_sizing(Path(args.pilot_dir), languages)))
-            print(json.dumps(sft_plan.rates(Path(args.pilot_dir), args.clock, args.scale), indent=1))
+            pilot = Path(args.pilot_dir)
+            if not sft_report.load_trainings(pilot) and not sft_report.load_evaluations(pilot):
+                raise SystemExit(
+                    f"{pilot} holds no finished training (adapters/*/{sft_train.RECORD}) or evaluation "
+                    "(evaluation/*.json): give a pilot's model folder, `--output-dir`/<model> of its `train` and "
+                    "`evaluate` runs (e.g. /tmp/pilot16/smollm2), not a folder of stored records."
+                )
+            print(sft_plan.format_sizing(sft_plan.pilot_sizing(pilot, languages)))
+            print(json.dumps(sft_plan.rates(pilot, args.clock, args.scale), indent=1))
         else:
             rates = json.loads(Path(args.rates).read_text())
             if args.model_key not in rates:
