@@ -437,11 +437,11 @@ def _gather_before_backward(layer: nn.Module, activation: torch.Tensor) -> None:
     it get the gradient of their output first, from the layer above. The gather is FSDP's public `unshard`; FSDP's own
     post-backward hook reduces the gradients and reshards the layer afterwards, as after any backward of the layer.
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
+    if not activation.requires_grad or not torch.distributed.is_available():  # FSDP needs torch.distributed
         return
-    if isinstance(layer, FSDPModule) and activation.requires_grad:
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(layer, FSDPModule):
         activation.register_hook(lambda grad: layer.unshard())
 
 

@@ -385,11 +385,12 @@ class CCSFTTrainer(SFTTrainer):
         The fit calls the decoder directly, not the wrapped model: each inner unit (embedding, decoder layer, final
         norm and LM head) gathers its own parameters when it runs, but the root unit only gathers in its forward.
         """
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:  # torch without FSDP2
-            FSDPModule = ()  # noqa: N806
-        if not self.is_fsdp_enabled or not isinstance(self.model, FSDPModule):
+        if not self.is_fsdp_enabled:  # no FSDP (and perhaps a torch built without torch.distributed)
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.model, FSDPModule):
             yield
             return
         self.model.unshard()

@@ -23,6 +23,8 @@ from fixtures.offline_hub import (
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from peft_cc.lm_eval.comparison import find_results_file
+
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "examples" / "ab_8b_qlora"
 _spec = importlib.util.spec_from_file_location("ab_recipe", RECIPE_DIR / "ab_recipe.py")
 ab_recipe = sys.modules.setdefault("ab_recipe", importlib.util.module_from_spec(_spec))
@@ -236,7 +238,7 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_model(smollm2_tokenizer, tmp_path,
     quantized = json.loads((out / "base-nf4" / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     assert (quantized["bnb_4bit_quant_type"], quantized["bnb_4bit_use_double_quant"]) == ("nf4", True)
     results = {
-        system: json.loads(ab_recipe.run_results(out / "eval" / system)[-1].read_text(encoding="utf-8"))
+        system: json.loads(find_results_file(out / "eval" / system).read_text(encoding="utf-8"))
         for system in ("base", "lora", "cc")
     }
     assert results["cc"]["config"]["model_args"]["connection"] == "monolingual"

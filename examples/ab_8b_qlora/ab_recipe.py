@@ -306,11 +306,6 @@ def write_task_folder(task_dir: Path, plan: EvaluationPlan, folder: Path) -> Pat
     return samples
 
 
-def run_results(output_path: Path) -> list[Path]:
-    """The `results_*.json` files lm-eval wrote under its `--output_path`."""
-    return sorted(output_path.glob("*/results_*.json"))
-
-
 # ----------------------------------------------------------------------------------------------- stages and runs
 
 
@@ -558,6 +553,8 @@ class Recipe:
         """The stage eval-<system>: the run's task folder written, then `command` (lm-eval), into a fresh folder."""
 
         def evaluate() -> None:
+            from peft_cc.lm_eval.comparison import ComparisonError, find_results_file
+
             output = self.out / "eval" / system
             if self.quantization is not None:
                 require(Path(self.eval_model) / "config.json", "the quantized base model", "quantize")
@@ -567,8 +564,10 @@ class Recipe:
                 shutil.rmtree(output)
             write_task_folder(self.task_dir, self.plan, self.out / "lm_eval_tasks")
             run_command(command, f"eval-{system}")
-            if not run_results(output):
-                raise RecipeError(f"eval-{system}: lm-eval wrote no results_*.json under {output}.")
+            try:
+                find_results_file(output)
+            except ComparisonError:
+                raise RecipeError(f"eval-{system}: lm-eval wrote no results_*.json under {output}.") from None
 
         return evaluate
 
